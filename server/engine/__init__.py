@@ -1,0 +1,1 @@
+"""Engine core: scheduling and KV block management. Pure Python, never imports torch."""

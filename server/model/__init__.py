@@ -1,0 +1,1 @@
+"""Model definitions (our own modules), weight loading and the architecture registry."""
