@@ -1,0 +1,53 @@
+"""The attention backend interface and its registry, chosen by name."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from types import MappingProxyType
+
+import torch
+
+from server.model.attn_metadata import AttentionMetadata
+
+# name -> "module:Class"; a new backend (e.g. "triton") is one more line here.
+_BACKENDS = MappingProxyType({
+    "torch": "server.model.layers.torch_attention:TorchAttentionBackend",
+})
+
+
+class AttentionBackend(ABC):
+    """Paged attention for one model; one instance is shared by all its layers.
+
+    Contract of `forward`, per layer and step:
+    - first store this step's key/value rows at attn_metadata.slot_mapping in `kv_cache`
+      ([2, num_blocks, block_size, num_kv_heads, head_dim]);
+    - then attend each query row to its request's context read back through block_tables,
+      so a block written this step by another request of the batch is visible;
+    - row i of request r sits at position seq_lens[r] - query_len[r] + i and sees keys at
+      positions <= its own, within `sliding_window` when given;
+    - rows past num_actual_tokens (padding) are neither written nor attended; their
+      output is zero.
+    """
+
+    name: str = ""
+
+    @abstractmethod
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: AttentionMetadata, scale: float,
+                sliding_window: int | None = None) -> torch.Tensor:
+        """query [T, Hq, D], key/value [T, Hkv, D] -> attention output [T, Hq, D]."""
+
+
+def supported_attention_backends() -> tuple[str, ...]:
+    return tuple(_BACKENDS)
+
+
+def get_attention_backend(name: str) -> AttentionBackend:
+    """A new instance of the backend registered as `name`."""
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {name!r}; available: {', '.join(_BACKENDS)}"
+        )
+    module, cls = _BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
