@@ -72,7 +72,7 @@ def test_chunked_prefill_interleaves_with_decode() -> None:
     assert [o.finished_req_ids for o in outs] == [set()] * 5 + [{"a"}, set(), set()]
     final = s.schedule()
     assert final.is_empty and final.finished_req_ids == {"b"}
-    assert not s.has_unfinished_requests() and s.kv.num_free_blocks == 64
+    assert not s.has_unfinished_requests() and s.kv_cache_manager.num_free_blocks == 64
 
 
 def test_outputs_only_for_sampled_requests() -> None:
@@ -117,8 +117,9 @@ def test_preempt_last_admitted_and_resume_with_outputs() -> None:
     s.add_request(req("b", 4, start=10, max_tokens=50))
     for _ in range(5):  # 8 tokens computed each: all 4 blocks held
         out, _ = step(s)
-    assert s.kv.get_block_ids("a") == [0, 2] and s.kv.get_block_ids("b") == [1, 3]
-    assert s.kv.num_free_blocks == 0
+    kv = s.kv_cache_manager
+    assert kv.get_block_ids("a") == [0, 2] and kv.get_block_ids("b") == [1, 3]
+    assert s.kv_cache_manager.num_free_blocks == 0
 
     out, outs = step(s)  # a needs a 3rd block: b (last admitted) is preempted
     assert out.num_scheduled_tokens == {"a": 1}
@@ -161,7 +162,7 @@ def test_preempting_itself_stops_the_step() -> None:
     assert out.num_scheduled_tokens == {"a": 8}
     out, _ = step(s)  # a needs a 3rd block and is the only one to preempt
     assert out.is_empty and out.preempted_req_ids == {"a"}
-    assert s.kv.num_free_blocks == 2 and list(s.waiting) == [s.requests["a"]]
+    assert s.kv_cache_manager.num_free_blocks == 2 and list(s.waiting) == [s.requests["a"]]
 
 
 def test_preempted_request_hits_its_own_cached_blocks() -> None:
@@ -207,7 +208,7 @@ def test_stop_conditions(params: dict, tokens: list[int],
             last = o
     assert last is not None
     assert (emitted, last.finish_reason, last.stop_reason) == expect
-    assert r.output_token_ids == expect[0] and s.kv.num_free_blocks == 64
+    assert r.output_token_ids == expect[0] and s.kv_cache_manager.num_free_blocks == 64
 
 
 def test_multi_token_step_truncates_at_stop() -> None:
@@ -237,10 +238,10 @@ def test_abort_frees_blocks_at_once() -> None:
     s.add_request(req("wait", 8, start=50))
     out, _ = step(s)
     assert out.num_scheduled_tokens == {"run": 8}
-    assert s.kv.num_free_blocks == 14
+    assert s.kv_cache_manager.num_free_blocks == 14
     s.finish_requests(["run", "wait", "nope"], RequestStatus.FINISHED_ABORTED)
     s.finish_requests("run", RequestStatus.FINISHED_ABORTED)  # already gone: ignored
-    assert s.kv.num_free_blocks == 16 and s.kv.usage == 0.0
+    assert s.kv_cache_manager.num_free_blocks == 16 and s.kv_cache_manager.usage == 0.0
     assert not s.has_unfinished_requests() and s.get_num_unfinished_requests() == 0
     out = s.schedule()
     # Only the request the runner holds is reported; "wait" was never sent to it.
@@ -273,7 +274,7 @@ def test_prefix_hits_and_siblings() -> None:
     s.add_request(req("s1", 13, start=200, max_tokens=4))
     out, _ = step(s)
     assert out.num_scheduled_tokens == {"s0": 13, "s1": 1}
-    b0, b1 = (s.kv.get_blocks(r) for r in ("s0", "s1"))
+    b0, b1 = (s.kv_cache_manager.get_blocks(r) for r in ("s0", "s1"))
     assert [b.block_id for b in b0[:3]] == [b.block_id for b in b1[:3]]
     assert [b.ref_cnt for b in b0] == [2, 2, 2, 1] and b1[3].ref_cnt == 1
     assert s.requests["s1"].num_cached_tokens == 12

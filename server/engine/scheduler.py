@@ -44,7 +44,7 @@ class Scheduler:
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
         self.max_model_len = scheduler_config.max_model_len
-        self.kv = KVCacheManager(cache_config.block_size, num_kv_blocks,
+        self.kv_cache_manager = KVCacheManager(cache_config.block_size, num_kv_blocks,
                                  cache_config.enable_prefix_caching,
                                  scheduler_config.max_model_len)
         self.requests: dict[str, Request] = {}
@@ -94,11 +94,11 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def reset_prefix_cache(self) -> int:
-        return self.kv.reset_prefix_cache()
+        return self.kv_cache_manager.reset_prefix_cache()
 
     def stats(self) -> SchedulerStats:
-        queries, hits = self.kv.prefix_cache_stats
-        return SchedulerStats(len(self.running), len(self.waiting), self.kv.usage,
+        queries, hits = self.kv_cache_manager.prefix_cache_stats
+        return SchedulerStats(len(self.running), len(self.waiting), self.kv_cache_manager.usage,
                               queries, hits, self.num_preemptions)
 
     # ---- one step ---------------------------------------------------------------------
@@ -109,7 +109,7 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
         preempted: set[str] = set()
-        kv = self.kv
+        kv = self.kv_cache_manager
 
         running = self.running
         i = 0
@@ -254,7 +254,7 @@ class Scheduler:
         return chunk if start >= sent else _slice_logprobs(chunk, sent - start, len(chunk.ranks))
 
     def _preempt(self, request: Request) -> None:
-        self.kv.free(request)
+        self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -269,7 +269,7 @@ class Scheduler:
         if in_runner:
             self._finished_ids.add(request.request_id)
         request.status = status
-        self.kv.free(request)
+        self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
         self._prompt_lp_sent.pop(request.request_id, None)
 

@@ -1,0 +1,86 @@
+"""`conveyor` command line. Parses flags, builds the engine, runs. No logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from server.config import CacheConfig, SchedulerConfig
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engine")
+    g.add_argument("--model", required=True, help="local Hugging Face model directory")
+    g.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight and activation dtype; auto = the checkpoint's")
+    g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--max-model-len", type=int,
+                   help="context length (default: the model's max_position_embeddings)")
+    g.add_argument("--block-size", type=int, default=CacheConfig.block_size,
+                   help="tokens per KV cache block")
+    g.add_argument("--num-kv-blocks", type=int, help="exact KV cache size in blocks")
+    g.add_argument("--kv-cache-memory", type=int,
+                   help="KV cache size in bytes (CPU; default 4 GiB)")
+    g.add_argument("--gpu-memory-utilization", type=float,
+                   default=CacheConfig.gpu_memory_utilization,
+                   help="share of free GPU memory given to the KV cache (CUDA)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                   default=True, help="reuse KV blocks of shared prompt prefixes")
+    g.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs,
+                   help="most sequences running at once")
+    g.add_argument("--max-num-batched-tokens", type=int,
+                   default=SchedulerConfig.max_num_batched_tokens,
+                   help="token budget per engine step; longer prompts are chunked")
+    g.add_argument("--seed", type=int, default=0, help="seed for unseeded random sampling")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        max_model_len=args.max_model_len, block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from server import LLM, SamplingParams
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.sample_seed, stop=args.stop)
+    for out in llm.generate(args.prompt, params, use_tqdm=len(args.prompt) > 1):
+        for comp in out.outputs:
+            print(f"--- {out.prompt!r} [{comp.finish_reason}]\n{out.prompt}{comp.text}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor LLM inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate offline for prompts given on the command line",
+                         description="Generate completions offline with continuous batching.")
+    add_engine_args(gen)
+    s = gen.add_argument_group("sampling")
+    s.add_argument("--prompt", action="append", required=True,
+                   help="a prompt (repeat for several; they run batched)")
+    s.add_argument("--max-tokens", type=int, default=64, help="tokens to generate per prompt")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    s.add_argument("--top-k", type=int, default=0, help="sample among the k best (0 = off)")
+    s.add_argument("--sample-seed", type=int, help="per-request sampling seed")
+    s.add_argument("--stop", action="append", help="stop string (repeatable)")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Turns engine-core outputs into RequestOutputs: detokenization, stop strings, n > 1.
+
+Runs beside the tokenizer (front end or offline LLM), never inside the engine loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from server.detokenizer import DetokenizerWithStops
+from server.engine.outputs import EngineCoreOutput, Logprobs
+from server.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from server.sampling_params import SamplingParams
+
+
+@dataclass
+class _Sequence:
+    index: int
+    detok: DetokenizerWithStops
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[PositionLogprobs] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass
+class _ParentState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: dict[str, _Sequence]
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.seqs.values())
+
+
+@dataclass
+class ProcessedOutputs:
+    request_outputs: list[RequestOutput]
+    # Sequences that hit a stop string: the engine must finish them.
+    stop_string_req_ids: list[str]
+
+
+def child_request_id(parent_id: str, index: int, n: int) -> str:
+    return parent_id if n == 1 else f"{index}_{parent_id}"
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.parents: dict[str, _ParentState] = {}
+        self.child_to_parent: dict[str, str] = {}
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams) -> list[str]:
+        if request_id in self.parents:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seqs = {}
+        for i in range(params.n):
+            cid = child_request_id(request_id, i, params.n)
+            seqs[cid] = _Sequence(
+                index=i,
+                detok=DetokenizerWithStops(self.tokenizer, prompt_token_ids, params),
+                logprobs=[] if params.logprobs is not None else None,
+                cumulative_logprob=0.0 if params.logprobs is not None else None,
+            )
+            self.child_to_parent[cid] = request_id
+        self.parents[request_id] = _ParentState(
+            request_id, prompt, list(prompt_token_ids), params, seqs,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+        )
+        return list(seqs)
+
+    def abort(self, request_ids: list[str]) -> list[str]:
+        """Forget the parents; return the child ids the engine must abort."""
+        children = []
+        for rid in request_ids:
+            parent = self.parents.pop(rid, None)
+            if parent is None:
+                continue
+            for cid in parent.seqs:
+                self.child_to_parent.pop(cid, None)
+                children.append(cid)
+        return children
+
+    def has_unfinished(self) -> bool:
+        return bool(self.parents)
+
+    def _to_position_logprobs(self, lp: Logprobs) -> list[PositionLogprobs]:
+        out = []
+        for ids, vals, rank in zip(lp.token_ids, lp.logprobs, lp.ranks):
+            pos: PositionLogprobs = {
+                ids[0]: Logprob(vals[0], rank, self.tokenizer.decode([ids[0]]))
+            }
+            for r, (tid, val) in enumerate(zip(ids[1:], vals[1:]), start=1):
+                if tid not in pos:
+                    pos[tid] = Logprob(val, r, self.tokenizer.decode([tid]))
+            out.append(pos)
+        return out
+
+    def process(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+        touched: dict[str, _ParentState] = {}
+        stopped: list[str] = []
+        for o in outputs:
+            parent_id = self.child_to_parent.get(o.req_id)
+            if parent_id is None:
+                continue  # aborted by the user meanwhile
+            parent = self.parents[parent_id]
+            seq = parent.seqs[o.req_id]
+            if seq.finish_reason is not None:
+                continue
+            touched[parent_id] = parent
+            parent.num_cached_tokens = max(parent.num_cached_tokens, o.num_cached_tokens)
+            if o.prompt_logprobs is not None and parent.prompt_logprobs is not None \
+                    and seq.index == 0:
+                parent.prompt_logprobs.extend(self._to_position_logprobs(o.prompt_logprobs))
+            if not o.new_token_ids:
+                continue
+            seq.token_ids.extend(o.new_token_ids)
+            if o.new_logprobs is not None and seq.logprobs is not None:
+                seq.logprobs.extend(self._to_position_logprobs(o.new_logprobs))
+                seq.cumulative_logprob += sum(v[0] for v in o.new_logprobs.logprobs)
+            delta, stop = seq.detok.update(o.new_token_ids, len(seq.token_ids))
+            seq.text += delta
+            if stop is not None:
+                seq.finish_reason, seq.stop_reason = "stop", stop
+                stopped.append(o.req_id)
+            elif o.finish_reason is not None:
+                seq.text += seq.detok.flush()
+                seq.finish_reason, seq.stop_reason = o.finish_reason, o.stop_reason
+        results = []
+        for parent_id, parent in touched.items():
+            if parent.finished:
+                results.append(self._make_output(parent))
+                self.parents.pop(parent_id)
+                for cid in parent.seqs:
+                    self.child_to_parent.pop(cid, None)
+        return ProcessedOutputs(results, stopped)
+
+    def _make_output(self, parent: _ParentState) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=s.index, text=s.text, token_ids=list(s.token_ids),
+                cumulative_logprob=s.cumulative_logprob, logprobs=s.logprobs,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+            )
+            for s in sorted(parent.seqs.values(), key=lambda s: s.index)
+        ]
+        return RequestOutput(
+            request_id=parent.request_id, prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids, prompt_logprobs=parent.prompt_logprobs,
+            outputs=outs, finished=True, num_cached_tokens=parent.num_cached_tokens,
+        )
