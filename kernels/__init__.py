@@ -1,15 +1,16 @@
 """Public model ops, dispatched per device.
 
-Every op has a pure-torch version in `kernels.reference`, used on CPU and as the test
-oracle. Triton versions plug in through `_use_triton` below; until they exist every
-device runs the reference. This package imports torch (and later triton), never `server`.
+Every op has a pure-torch version in `kernels.reference`, the test oracle and the
+fallback. On CPU the fused C++ ops of `kernels.cpu_native` run when they build here
+(CONVEYOR_NATIVE_CPU=0 turns them off). Triton versions plug in through `_use_triton`.
+This package imports torch (and later triton), never `server`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kernels import reference
+from kernels import cpu_native, reference
 from kernels.reference import Workspace, build_cos_sin_cache
 
 __all__ = [
@@ -34,10 +35,17 @@ def _use_triton(x: torch.Tensor) -> bool:
     return False
 
 
+def _use_native(x: torch.Tensor) -> bool:
+    """The compiled CPU ops (kernels.cpu_native) serve CPU tensors when they build here."""
+    return x.device.type == "cpu" and cpu_native.enabled()
+
+
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """See `reference.rms_norm`."""
+    if x.dim() == 2 and _use_native(x):
+        return cpu_native.rms_norm(x, weight, eps, residual)
     return reference.rms_norm(x, weight, eps, residual)
 
 
@@ -46,11 +54,15 @@ def rotary_embedding(
     cos_sin_cache: torch.Tensor, head_dim: int, is_neox: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See `reference.rotary_embedding`."""
+    if is_neox and positions.dtype == torch.int64 and _use_native(query):
+        return cpu_native.rotary_neox(positions, query, key, cos_sin_cache, head_dim)
     return reference.rotary_embedding(positions, query, key, cos_sin_cache, head_dim, is_neox)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """See `reference.silu_and_mul`."""
+    if x.dim() == 2 and _use_native(x):
+        return cpu_native.silu_and_mul(x)
     return reference.silu_and_mul(x)
 
 

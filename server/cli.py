@@ -15,6 +15,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight and activation dtype; auto = the checkpoint's")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
+    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu"],
+                   help="auto = the native C++ decode kernel on CPU when it builds, "
+                        "torch = the pure-torch reference")
     g.add_argument("--max-model-len", type=int,
                    help="context length (default: the model's max_position_embeddings)")
     g.add_argument("--block-size", type=int, default=CacheConfig.block_size,
@@ -38,6 +41,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
+        attention_backend=args.attention_backend,
         max_model_len=args.max_model_len, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,

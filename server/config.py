@@ -50,6 +50,8 @@ class ModelConfig:
     tokenizer: str | None = None
     max_model_len: int | None = None
     seed: int = 0
+    # "auto": native C++ kernel on CPU when it builds, else "torch" (the reference).
+    attention_backend: str = "auto"
 
     @property
     def path(self) -> Path:

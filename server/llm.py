@@ -27,6 +27,7 @@ class LLM:
         max_num_seqs: most sequences running at once.
         max_num_batched_tokens: token budget per engine step (longer prompts are chunked).
         device: "cpu" or "cuda".
+        attention_backend: "auto", "torch" (reference) or "cpu" (native C++ decode kernel).
         seed: global seed for unseeded random sampling.
     """
 
@@ -45,11 +46,13 @@ class LLM:
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         device: str = "cpu",
+        attention_backend: str = "auto",
         seed: int = 0,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, tokenizer=tokenizer,
-                              max_model_len=max_model_len, seed=seed),
+                              max_model_len=max_model_len, seed=seed,
+                              attention_backend=attention_backend),
             cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
                               kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization,

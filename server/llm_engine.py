@@ -54,6 +54,7 @@ class LLMEngine:
 
         from server.model.hf_config import read_eos_token_ids
         from server.model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
+        from server.model.layers.attention_backend import resolve_attention_backend
         from server.model.loader import load_model
         from server.runner.model_runner import ModelRunner
 
@@ -61,7 +62,11 @@ class LLMEngine:
         device = torch.device(config.device)
         if mc.seed is not None:
             torch.manual_seed(mc.seed)
-        model, arch, dtype = load_model(mc.path, dtype=mc.dtype, device=device)
+        backend = resolve_attention_backend(mc.attention_backend, device)
+        logger.info("attention backend: %s", backend)
+        model, arch, dtype = load_model(mc.path, dtype=mc.dtype, device=device,
+                                        attention_backend=backend)
+        self.attention_backend = backend
         self.arch = arch
         self.dtype = dtype
         max_model_len = resolve_max_model_len(mc.max_model_len, arch.max_position_embeddings)

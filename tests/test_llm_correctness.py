@@ -52,6 +52,17 @@ def test_greedy_matches_transformers(arch, tiny_model_factory):
     model_dir = tiny_model_factory(arch)
     prompts = _prompts()
     llm = LLM(str(model_dir), dtype="float32", num_kv_blocks=64)
+    assert llm.engine.attention_backend == "cpu"  # "auto" picks the native kernel here
+    assert _generate(llm, prompts) == _reference(model_dir, prompts)
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen3"])
+def test_greedy_matches_transformers_torch_backend(arch, tiny_model_factory, monkeypatch):
+    """The pure-torch path end to end: reference attention and no native fused ops."""
+    monkeypatch.setenv("CONVEYOR_NATIVE_CPU", "0")
+    model_dir = tiny_model_factory(arch)
+    prompts = _prompts(seed=7)
+    llm = LLM(str(model_dir), dtype="float32", num_kv_blocks=64, attention_backend="torch")
     assert _generate(llm, prompts) == _reference(model_dir, prompts)
 
 

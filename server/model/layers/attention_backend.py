@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from abc import ABC, abstractmethod
 from types import MappingProxyType
 
@@ -10,9 +11,12 @@ import torch
 
 from server.model.attn_metadata import AttentionMetadata
 
+logger = logging.getLogger(__name__)
+
 # name -> "module:Class"; a new backend (e.g. "triton") is one more line here.
 _BACKENDS = MappingProxyType({
     "torch": "server.model.layers.torch_attention:TorchAttentionBackend",
+    "cpu": "server.model.layers.cpu_attention:CpuAttentionBackend",
 })
 
 
@@ -41,6 +45,20 @@ class AttentionBackend(ABC):
 
 def supported_attention_backends() -> tuple[str, ...]:
     return tuple(_BACKENDS)
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """"auto": the native C++ kernel on CPU when it builds here, else the torch reference."""
+    if name != "auto":
+        return name
+    if device.type == "cpu":
+        from kernels import cpu_native
+
+        if cpu_native.available():
+            return "cpu"
+        logger.warning("native CPU attention unavailable (%s); using the torch reference",
+                       cpu_native.build_error())
+    return "torch"
 
 
 def get_attention_backend(name: str) -> AttentionBackend:
