@@ -33,7 +33,7 @@ def test_hit_lengths_and_last_token_cap() -> None:
     prompt = list(range(100, 110))  # 10 tokens: blocks [0..3] [4..7] + 2 partial
     a = req("a", prompt)
     assert kv.get_computed_blocks(a) == ([], 0)
-    assert admit(kv, a) == [0, 1, 2]  # looks up again: two queries of 10, no hits
+    assert admit(kv, a) == [0, 1, 2]
 
     def hit(tokens: list[int], **params: object) -> tuple[list[int], int]:
         blocks, n = kv.get_computed_blocks(req("x", tokens, **params))
@@ -49,12 +49,15 @@ def test_hit_lengths_and_last_token_cap() -> None:
     assert hit(prompt[:6] + [0, 0, 0, 0]) == ([0], 4)
     # Diverging in the first block: the second block's hash differs too (chained).
     assert hit([0] + prompt[1:]) == ([], 0)
-    assert kv.prefix_cache_stats == PrefixCacheStats(
-        queries=10 + 10 + 10 + 8 + 9 + 4 + 5 + 10 + 10, hits=8 + 4 + 8 + 4 + 4)
+    # Lookups alone count nothing: only admissions do (a request that does not fit is
+    # looked up again every step).
+    assert kv.prefix_cache_stats == PrefixCacheStats(queries=10, hits=0)
+    admit(kv, req("c", prompt[:9]))
+    assert kv.prefix_cache_stats == PrefixCacheStats(queries=19, hits=8)
     # Prompt logprobs need every position's logits: no lookup, not counted.
-    before = kv.prefix_cache_stats
     assert hit(prompt, prompt_logprobs=0) == ([], 0)
-    assert kv.prefix_cache_stats == before
+    admit(kv, req("d", prompt, prompt_logprobs=0))
+    assert kv.prefix_cache_stats == PrefixCacheStats(queries=19, hits=8)
 
 
 def test_caching_disabled() -> None:

@@ -68,10 +68,7 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        num_hit_tokens = len(hits) * bs
-        self._queries += request.num_tokens
-        self._hits += num_hit_tokens
-        return hits, num_hit_tokens
+        return hits, len(hits) * bs
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: Sequence[KVCacheBlock] = (),
@@ -106,6 +103,10 @@ class KVCacheManager:
         if held is None:
             held = self._req_blocks[req_id] = []
             self._num_cached_blocks[req_id] = 0
+            # Count a lookup once per admission, not per retry of a request that did not fit.
+            if self.enable_caching and request.sampling_params.prompt_logprobs is None:
+                self._queries += request.num_tokens
+                self._hits += num_new_computed_tokens
         if new_computed_blocks:
             self.pool.touch(new_computed_blocks)
             held.extend(new_computed_blocks)
