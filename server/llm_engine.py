@@ -129,8 +129,9 @@ class LLMEngine:
             max_tokens = min(max_tokens, params.max_tokens)
         child_ids = self.output_processor.add_request(request_id, text, ids, params)
         for child_id in child_ids:
-            self.core.add_request(Request(child_id, ids, params, self.eos_token_ids,
-                                          max_tokens=max_tokens))
+            self.core.add_request(Request(
+                child_id, ids, params, self.eos_token_ids, max_tokens=max_tokens,
+                share_key=request_id if params.n > 1 else None))
         return request_id
 
     def validate(self, ids: list[int], params: SamplingParams) -> None:

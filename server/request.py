@@ -45,6 +45,7 @@ class Request:
         eos_token_ids: frozenset[int] = frozenset(),
         arrival_time: float | None = None,
         max_tokens: int | None = None,
+        share_key: str | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -52,6 +53,9 @@ class Request:
         self.eos_token_ids = eos_token_ids
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         self.max_tokens = max_tokens if max_tokens is not None else sampling_params.max_tokens
+        # Siblings of one n > 1 request share this key and hence their prompt blocks, even
+        # with prefix caching off.
+        self.share_key = share_key
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0

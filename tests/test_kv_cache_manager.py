@@ -183,3 +183,14 @@ def test_reset_prefix_cache() -> None:
     admit(kv, req("a", list(range(9))))
     assert kv.reset_prefix_cache() == 2
     assert kv.get_computed_blocks(req("b", list(range(9)))) == ([], 0)
+
+
+def test_siblings_share_with_caching_disabled_but_nobody_else() -> None:
+    kv = KVCacheManager(BS, 16, False, 64)
+    prompt = list(range(10))
+    sibs = [Request(f"{i}_p", prompt, SamplingParams(n=2), share_key="p") for i in range(2)]
+    assert admit(kv, sibs[0]) == [0, 1, 2]
+    assert admit(kv, sibs[1]) == [0, 1, 3]
+    assert admit(kv, req("stranger", prompt)) == [4, 5, 6]
+    assert admit(kv, Request("q", prompt, SamplingParams(), share_key="q")) == [7, 8, 9]
+    assert kv.prefix_cache_stats == (0, 0)  # sibling sharing is not prefix caching

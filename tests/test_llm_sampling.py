@@ -91,8 +91,10 @@ def test_seeded_sampling_same_alone_and_in_batch(llm):
                         use_tqdm=False)[0].outputs[0].token_ids != alone
 
 
-def test_n_sequences_share_prompt_blocks(llama_dir):
-    engine = LLM(str(llama_dir), dtype="float32", num_kv_blocks=64).engine
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_n_sequences_share_prompt_blocks(llama_dir, prefix_caching):
+    engine = LLM(str(llama_dir), dtype="float32", num_kv_blocks=64,
+                 enable_prefix_caching=prefix_caching).engine
     prompt = list(range(10, 50))  # 40 tokens: two full blocks of 16 and a partial one
     engine.add_request("r", {"prompt_token_ids": prompt},
                        SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=4))
@@ -109,6 +111,11 @@ def test_n_sequences_share_prompt_blocks(llama_dir):
     assert len(outs) == 1 and [c.index for c in outs[0].outputs] == [0, 1, 2]
     assert all(len(c.token_ids) == 4 for c in outs[0].outputs)
     assert kv.num_free_blocks == 64
+    # An unrelated request with the same prompt reuses those blocks only with caching on.
+    engine.add_request("other", {"prompt_token_ids": prompt}, SamplingParams(max_tokens=3))
+    engine.step()
+    shared = kv.get_block_ids("other")[:2] == tables[0][:2]
+    assert shared == prefix_caching
 
 
 def test_stop_strings_and_stop_token_ids(llm):

@@ -31,7 +31,9 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.max_model_len = max_model_len
-        self.pool = BlockPool(num_blocks, enable_caching)
+        # The pool always caches: with prefix caching off, n > 1 siblings still share
+        # their prompt blocks under hashes salted with their share key (see _salt).
+        self.pool = BlockPool(num_blocks, True)
         self._req_blocks: dict[str, list[KVCacheBlock]] = {}
         self._num_cached_blocks: dict[str, int] = {}
         self._queries = 0
@@ -49,6 +51,16 @@ class KVCacheManager:
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return PrefixCacheStats(self._queries, self._hits)
 
+    def _salt(self, request: Request) -> tuple[str, ...] | None:
+        """Extra hash keys for the request's blocks, or None when it takes no part in caching.
+
+        Prefix caching on: every request, unsalted. Off: only siblings of one n > 1 request,
+        salted with their share key so nobody else can hit their blocks.
+        """
+        if self.enable_caching:
+            return ()
+        return (request.share_key,) if request.share_key is not None else None
+
     def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
         """Longest chain of cached full blocks matching the request's tokens.
 
@@ -56,10 +68,11 @@ class KVCacheManager:
         token is always recomputed and yields logits. Requests asking for prompt logprobs
         skip the lookup: they need logits at every prompt position.
         """
-        if not self.enable_caching or request.sampling_params.prompt_logprobs is not None:
+        salt = self._salt(request)
+        if salt is None or request.sampling_params.prompt_logprobs is not None:
             return [], 0
         bs = self.block_size
-        update_block_hashes(request, bs)
+        update_block_hashes(request, bs, salt)
         max_blocks = (request.num_tokens - 1) // bs
         tokens = request.all_token_ids
         hits: list[KVCacheBlock] = []
@@ -91,7 +104,7 @@ class KVCacheManager:
                              f"over max_model_len={self.max_model_len}")
         if held is not None and num_total <= num_held * bs and not new_computed_blocks:
             # Fast path for most decode steps: the last block still has room.
-            if self.enable_caching and num_total // bs > self._num_cached_blocks[req_id]:
+            if num_total // bs > self._num_cached_blocks[req_id]:
                 self._cache_full_blocks(request, held, num_total // bs)
             return []
         num_needed = -(-num_total // bs) - num_held - len(new_computed_blocks)
@@ -116,18 +129,18 @@ class KVCacheManager:
         new_blocks = self.pool.get_new_blocks(num_needed) if num_needed > 0 else []
         held.extend(new_blocks)
 
-        if self.enable_caching:
-            self._cache_full_blocks(request, held, num_total // bs)
+        self._cache_full_blocks(request, held, num_total // bs)
         return new_blocks
 
     def _cache_full_blocks(self, request: Request, held: list[KVCacheBlock],
                            num_full: int) -> None:
         req_id = request.request_id
         start = self._num_cached_blocks[req_id]
-        if num_full <= start:
+        salt = self._salt(request)
+        if num_full <= start or salt is None:
             return
         bs = self.block_size
-        update_block_hashes(request, bs)
+        update_block_hashes(request, bs, salt)
         # Only tokens already known can be hashed (never binding without lookahead).
         num_full = min(num_full, len(request.block_hashes))
         tokens = request.all_token_ids
