@@ -45,6 +45,10 @@ class SamplingMetadata:
     max_top_k: int = 0
     top_p: torch.Tensor | None = None  # [R] float, 1.0 where disabled
     min_p: torch.Tensor | None = None  # [R, 1] float, 0.0 where disabled
+    # Random rows split by how they sample (ascending row indices, None when empty):
+    # plain rows draw from the whole distribution, truncated rows have top-k or top-p.
+    plain_rows: torch.Tensor | None = None  # LongTensor
+    truncated_rows: torch.Tensor | None = None  # LongTensor
     # Row -> the request's own generator, for seeded random rows only.
     generators: dict[int, torch.Generator] = field(default_factory=dict)
     # Sparse (row, token) -> additive bias.
@@ -119,6 +123,14 @@ def _build_random(meta: SamplingMetadata, params: list[SamplingParams], greedy: 
     mins = [0.0 if p is None else p.min_p for p in rand]
     if any(m > 0.0 for m in mins):
         meta.min_p = _column(mins, device)
+    # Built here from Python values so the sampler never syncs to find them.
+    cut = [k < vocab or p < 1.0 for k, p in zip(ks, ps, strict=True)]
+    plain = [i for i, p in enumerate(rand) if p is not None and not cut[i]]
+    truncated = [i for i, p in enumerate(rand) if p is not None and cut[i]]
+    if plain:
+        meta.plain_rows = torch.tensor(plain, dtype=torch.long, device=device)
+    if truncated:
+        meta.truncated_rows = torch.tensor(truncated, dtype=torch.long, device=device)
     meta.generators = {
         i: gen for i, (p, gen) in enumerate(zip(rand, generators, strict=True))
         if p is not None and p.seed is not None and gen is not None
