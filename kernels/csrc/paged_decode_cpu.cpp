@@ -46,8 +46,22 @@ void decode_kernel(const T* __restrict q, const T* __restrict kc, const T* __res
         const int64_t t1 = std::min(block_size, len - b * block_size);
         const T* kb = kc + block * block_stride + h0 * d;
         const T* vb = vc + block * block_stride + h0 * d;
+        // Hardware prefetchers stop at page and block boundaries: while K of this block is
+        // scored, ask for its V rows and for the next block's K rows (this item's heads).
+        const T* kn = nullptr;
+        if ((b + 1) * block_size < len) {
+          const int64_t next = block_tables[r * max_blocks + b + 1];
+          kn = kc + next * block_stride + h0 * d;
+        }
+        const int64_t row_bytes = heads_per_item * d * static_cast<int64_t>(sizeof(T));
         for (int64_t t = t0; t < t1; ++t) {
           const T* krow = kb + t * token_stride;
+          const char* pv = reinterpret_cast<const char*>(vb + t * token_stride);
+          for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(pv + off);
+          if (kn != nullptr) {
+            const char* pk = reinterpret_cast<const char*>(kn + t * token_stride);
+            for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(pk + off);
+          }
           for (int64_t j = 0; j < nq; ++j) {
             const T* k = krow + (j / group) * d;
             const float* qj = qf.data() + j * d;
