@@ -128,6 +128,7 @@ def plot(results: list[dict], path: Path) -> None:
     vals = [r["output_tok_per_s"] for r in results]
     bars = ax.bar(names, vals, color=["#2b6cb0", "#a0aec0", "#dd6b20"][: len(vals)])
     ax.bar_label(bars, fmt="%.0f")
+    ax.set_ylim(0, max(vals) * 1.15)
     ax.set_ylabel("output tokens / s")
     ax.set_title("Offline throughput, 32 prompts x 128 tokens (CPU)")
     fig.tight_layout()
