@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from tqdm.auto import tqdm
 
-from server.config import CacheConfig, DType, ModelConfig, SchedulerConfig
-from server.llm_engine import EngineConfig, LLMEngine, PromptType
+from server.config import CacheConfig, DType, EngineConfig, ModelConfig, SchedulerConfig
+from server.llm_engine import LLMEngine, PromptType
 from server.outputs import RequestOutput
 from server.sampling_params import SamplingParams
 

@@ -9,20 +9,9 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from server.config import (
-    CacheConfig,
-    ModelConfig,
-    SchedulerConfig,
-    resolve_max_model_len,
-    resolve_num_kv_blocks,
-)
-from server.engine.core import EngineCore
-from server.engine.scheduler import Scheduler
+from server.config import EngineConfig
 from server.output_processor import OutputProcessor
 from server.outputs import RequestOutput
 from server.request import Request
@@ -33,71 +22,17 @@ logger = logging.getLogger(__name__)
 PromptType = str | list[int] | dict[str, Any]
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    model: ModelConfig
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    device: str = "cpu"
-
-
-def _free_device_bytes(device: torch.device) -> int | None:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free
-    return None
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         from transformers import AutoTokenizer
 
-        from server.model.hf_config import read_eos_token_ids
-        from server.model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
-        from server.model.layers.attention_backend import resolve_attention_backend
-        from server.model.loader import load_model
-        from server.runner.model_runner import ModelRunner
+        from server.engine_factory import build_engine_core, resolve_eos_token_ids
 
-        mc = config.model
-        device = torch.device(config.device)
-        if mc.seed is not None:
-            torch.manual_seed(mc.seed)
-        backend = resolve_attention_backend(mc.attention_backend, device)
-        logger.info("attention backend: %s", backend)
-        model, arch, dtype = load_model(mc.path, dtype=mc.dtype, device=device,
-                                        attention_backend=backend)
-        self.attention_backend = backend
-        self.arch = arch
-        self.dtype = dtype
-        max_model_len = resolve_max_model_len(mc.max_model_len, arch.max_position_embeddings)
-        sched_cfg = SchedulerConfig(
-            max_num_seqs=config.scheduler.max_num_seqs,
-            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-            max_model_len=max_model_len,
-        )
-        bs = config.cache.block_size
-        per_block = kv_cache_bytes_per_block(arch, bs, dtype)
-        num_blocks = resolve_num_kv_blocks(config.cache, per_block, device.type,
-                                           _free_device_bytes(device))
-        if num_blocks * bs < max_model_len:
-            raise ValueError(
-                f"the KV cache holds {num_blocks} blocks x {bs} tokens = {num_blocks * bs} "
-                f"tokens, fewer than max_model_len={max_model_len}: give it more memory "
-                f"(kv_cache_memory / num_kv_blocks) or lower max_model_len"
-            )
-        kv_caches = allocate_kv_cache(arch, num_blocks, bs, dtype, device)
-        logger.info("KV cache: %d blocks of %d tokens (%.1f MiB)", num_blocks, bs,
-                    num_blocks * per_block / 2**20)
-        self.num_kv_blocks = num_blocks
-        self.config = EngineConfig(model=mc, cache=config.cache, scheduler=sched_cfg,
-                                   device=config.device)
-        self.tokenizer = AutoTokenizer.from_pretrained(mc.tokenizer_path)
-        self.eos_token_ids = read_eos_token_ids(mc.path)
-        if not self.eos_token_ids and self.tokenizer.eos_token_id is not None:
-            self.eos_token_ids = frozenset([self.tokenizer.eos_token_id])
-        self.runner = ModelRunner(model, kv_caches, bs, arch.vocab_size, self.eos_token_ids,
-                                  device)
-        self.core = EngineCore(Scheduler(sched_cfg, config.cache, num_blocks), self.runner)
+        self.tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer_path)
+        self.eos_token_ids = resolve_eos_token_ids(config.model.path, self.tokenizer)
+        self.core, self.info, self.config = build_engine_core(config, self.eos_token_ids)
+        self.attention_backend = self.info.attention_backend
+        self.num_kv_blocks = self.info.num_kv_blocks
         self.output_processor = OutputProcessor(self.tokenizer)
         self._ids = itertools.count()
 
@@ -137,7 +72,7 @@ class LLMEngine:
     def validate(self, ids: list[int], params: SamplingParams) -> None:
         if not ids:
             raise ValueError("the prompt is empty")
-        vocab = self.arch.vocab_size
+        vocab = self.info.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
         if len(ids) >= self.max_model_len:

@@ -1,0 +1,96 @@
+"""Builds an EngineCore from an EngineConfig: model, KV cache, runner, scheduler.
+
+Runs wherever the engine runs (the offline LLM's process, or the engine process behind
+the HTTP server); this is the one place that turns "auto" settings into numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from server.config import (
+    EngineConfig,
+    SchedulerConfig,
+    resolve_max_model_len,
+    resolve_num_kv_blocks,
+)
+from server.engine.core import EngineCore
+from server.engine.scheduler import Scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the engine resolved at start-up, for the front end and the logs."""
+
+    max_model_len: int
+    vocab_size: int
+    num_kv_blocks: int
+    block_size: int
+    attention_backend: str
+    dtype: str
+    weight_bytes: int
+
+
+def resolve_eos_token_ids(model_path: Path, tokenizer: Any) -> frozenset[int]:
+    """generation_config.json / config.json eos ids, else the tokenizer's eos token."""
+    from server.model.hf_config import read_eos_token_ids
+
+    eos = read_eos_token_ids(model_path)
+    if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
+        eos = frozenset([tokenizer.eos_token_id])
+    return eos
+
+
+def build_engine_core(config: EngineConfig, eos_token_ids: frozenset[int]
+                      ) -> tuple[EngineCore, EngineInfo, EngineConfig]:
+    """Load the model and size the KV cache; returns the core, what was resolved, and the
+    config with max_model_len filled in."""
+    import torch
+
+    from server.model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
+    from server.model.layers.attention_backend import resolve_attention_backend
+    from server.model.loader import load_model
+    from server.runner.model_runner import ModelRunner
+
+    mc = config.model
+    device = torch.device(config.device)
+    if mc.seed is not None:
+        torch.manual_seed(mc.seed)
+    backend = resolve_attention_backend(mc.attention_backend, device)
+    model, arch, dtype = load_model(mc.path, dtype=mc.dtype, device=device,
+                                    attention_backend=backend)
+    weight_bytes = sum(t.numel() * t.element_size()
+                       for t in list(model.parameters()) + list(model.buffers()))
+    max_model_len = resolve_max_model_len(mc.max_model_len, arch.max_position_embeddings)
+    sched_cfg = SchedulerConfig(
+        max_num_seqs=config.scheduler.max_num_seqs,
+        max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+        max_model_len=max_model_len,
+    )
+    bs = config.cache.block_size
+    per_block = kv_cache_bytes_per_block(arch, bs, dtype)
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    num_blocks = resolve_num_kv_blocks(config.cache, per_block, device.type, free)
+    if num_blocks * bs < max_model_len:
+        raise ValueError(
+            f"the KV cache holds {num_blocks} blocks x {bs} tokens = {num_blocks * bs} "
+            f"tokens, fewer than max_model_len={max_model_len}: give it more memory "
+            f"(kv_cache_memory / num_kv_blocks) or lower max_model_len"
+        )
+    kv_caches = allocate_kv_cache(arch, num_blocks, bs, dtype, device)
+    logger.info("model %s: %s weights %.1f MiB, attention backend %s; KV cache %d blocks "
+                "of %d tokens (%.1f MiB)", mc.model, str(dtype).removeprefix("torch."),
+                weight_bytes / 2**20, backend, num_blocks, bs, num_blocks * per_block / 2**20)
+    runner = ModelRunner(model, kv_caches, bs, arch.vocab_size, eos_token_ids, device)
+    core = EngineCore(Scheduler(sched_cfg, config.cache, num_blocks), runner)
+    info = EngineInfo(max_model_len=max_model_len, vocab_size=arch.vocab_size,
+                      num_kv_blocks=num_blocks, block_size=bs, attention_backend=backend,
+                      dtype=str(dtype).removeprefix("torch."), weight_bytes=weight_bytes)
+    resolved = EngineConfig(model=mc, cache=config.cache, scheduler=sched_cfg,
+                            device=config.device)
+    return core, info, resolved
