@@ -23,6 +23,26 @@ class _Sequence:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    # How much a streaming consumer has been sent: text chars, tokens, finish.
+    sent_text: int = 0
+    sent_tokens: int = 0
+    sent_finish: bool = False
+
+    def delta(self) -> CompletionOutput | None:
+        """What changed since the last delta (None if nothing did); advances the marks."""
+        if (len(self.text) == self.sent_text and len(self.token_ids) == self.sent_tokens
+                and (self.finish_reason is None or self.sent_finish)):
+            return None
+        a, b = self.sent_tokens, len(self.token_ids)
+        out = CompletionOutput(
+            index=self.index, text=self.text[self.sent_text:], token_ids=self.token_ids[a:b],
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=self.logprobs[a:b] if self.logprobs is not None else None,
+            finish_reason=self.finish_reason, stop_reason=self.stop_reason,
+        )
+        self.sent_text, self.sent_tokens = len(self.text), b
+        self.sent_finish = self.finish_reason is not None
+        return out
 
 
 @dataclass
@@ -34,6 +54,9 @@ class _ParentState:
     seqs: dict[str, _Sequence]
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     num_cached_tokens: int = 0
+    # Streaming consumers get deltas every step instead of one final output.
+    stream: bool = False
+    sent_prompt_logprobs: bool = False
 
     @property
     def finished(self) -> bool:
@@ -58,7 +81,8 @@ class OutputProcessor:
         self.child_to_parent: dict[str, str] = {}
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                    params: SamplingParams) -> list[str]:
+                    params: SamplingParams, stream: bool = False) -> list[str]:
+        """Track a request; returns the ids of its n sequences as the engine knows them."""
         if request_id in self.parents:
             raise ValueError(f"request id {request_id!r} is already in use")
         seqs = {}
@@ -74,6 +98,7 @@ class OutputProcessor:
         self.parents[request_id] = _ParentState(
             request_id, prompt, list(prompt_token_ids), params, seqs,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+            stream=stream,
         )
         return list(seqs)
 
@@ -121,6 +146,9 @@ class OutputProcessor:
                     and seq.index == 0:
                 parent.prompt_logprobs.extend(self._to_position_logprobs(o.prompt_logprobs))
             if not o.new_token_ids:
+                if o.finish_reason is not None:  # finished by the engine without a token
+                    seq.text += seq.detok.flush()
+                    seq.finish_reason, seq.stop_reason = o.finish_reason, o.stop_reason
                 continue
             seq.token_ids.extend(o.new_token_ids)
             if o.new_logprobs is not None and seq.logprobs is not None:
@@ -136,12 +164,31 @@ class OutputProcessor:
                 seq.finish_reason, seq.stop_reason = o.finish_reason, o.stop_reason
         results = []
         for parent_id, parent in touched.items():
-            if parent.finished:
+            if parent.stream:
+                delta = self._make_delta(parent)
+                if delta is not None:
+                    results.append(delta)
+            elif parent.finished:
                 results.append(self._make_output(parent))
+            if parent.finished:
                 self.parents.pop(parent_id)
                 for cid in parent.seqs:
                     self.child_to_parent.pop(cid, None)
         return ProcessedOutputs(results, stopped)
+
+    def _make_delta(self, parent: _ParentState) -> RequestOutput | None:
+        outs = [d for s in sorted(parent.seqs.values(), key=lambda s: s.index)
+                if (d := s.delta()) is not None]
+        if not outs and not parent.finished:
+            return None  # e.g. a prompt chunk, or text held back for a stop string
+        prompt_lp = None
+        if not parent.sent_prompt_logprobs and any(o.token_ids for o in outs):
+            prompt_lp, parent.sent_prompt_logprobs = parent.prompt_logprobs, True
+        return RequestOutput(
+            request_id=parent.request_id, prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids, prompt_logprobs=prompt_lp,
+            outputs=outs, finished=parent.finished, num_cached_tokens=parent.num_cached_tokens,
+        )
 
     def _make_output(self, parent: _ParentState) -> RequestOutput:
         outs = [

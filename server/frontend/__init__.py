@@ -1,0 +1,1 @@
+"""The HTTP front end: asyncio only, never imports torch, the runner or the model."""
