@@ -26,3 +26,10 @@ def test_engine_core_is_pure_python():
 def test_kernels_never_import_server():
     loaded = _modules_after_import("kernels", "kernels.reference", "kernels.cpu_native")
     assert not any(m == "server" or m.startswith("server.") for m in loaded)
+
+
+def test_frontend_app_never_loads_torch_or_the_model():
+    loaded = _modules_after_import("server.frontend.app")
+    forbidden = {"torch", "server.runner", "server.model", "server.llm_engine"}
+    assert not forbidden & loaded
+    assert "server.frontend.routes" in loaded  # the import really built the app's modules

@@ -1,0 +1,266 @@
+"""What completions and chat share: request checks, SamplingParams, merged engine streams.
+
+Nothing here touches HTTP types beyond `Request.is_disconnected`; the serving classes turn
+engine outputs into wire objects and the routes turn those into responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import math
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from starlette.requests import Request
+
+from server.frontend.engine_client import EngineClient
+from server.frontend.errors import (
+    APIError,
+    engine_dead_error,
+    engine_not_ready_error,
+    sse_error_event,
+)
+from server.frontend.protocol import SamplingRequest
+from server.frontend.tokenization import TokenizerService
+from server.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from server.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+MAX_N = 128
+MAX_LOGPROBS = 20
+# JSON has no -inf; OpenAI-compatible servers report impossible tokens as this floor.
+LOGPROB_FLOOR = -9999.0
+SSE_DONE = "data: [DONE]\n\n"
+
+# Request fields copied as-is into SamplingParams when present.
+_PASSTHROUGH = (
+    "temperature", "top_p", "top_k", "min_p", "seed", "min_tokens", "stop", "stop_token_ids",
+    "ignore_eos", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "skip_special_tokens", "include_stop_str_in_output",
+)
+_PARAM_NAMES = frozenset(f.name for f in dataclasses.fields(SamplingParams))
+
+
+@dataclass
+class ServingContext:
+    """Everything a request handler needs; one per app, kept on app.state."""
+
+    engine: EngineClient
+    tokenizer: TokenizerService
+    served_model_name: str
+    # How often a non-streaming handler checks whether its client is still there.
+    disconnect_poll_s: float = 0.5
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.served_model_name:
+            raise APIError(f"The model `{model}` does not exist.", status=404, param="model",
+                           code="model_not_found")
+
+    def check_engine(self) -> None:
+        if self.engine.is_dead():
+            raise engine_dead_error()
+        if not self.engine.is_ready():
+            raise engine_not_ready_error()
+
+
+@dataclass
+class ChoiceState:
+    """One choice accumulated over its deltas, for non-streaming responses."""
+
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    positions: list[PositionLogprobs | None] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, out: CompletionOutput) -> None:
+        self.text.append(out.text)
+        self.token_ids.extend(out.token_ids)
+        self.positions.extend(out.logprobs or [None] * len(out.token_ids))
+        if out.finish_reason is not None:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+
+
+@dataclass
+class EngineJob:
+    """One engine request: a single prompt, fanned out by the engine to params.n sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def sse(chunk: BaseModel, exclude: set[str] | None = None) -> str:
+    return f"data: {chunk.model_dump_json(exclude=exclude)}\n\n"
+
+
+def clamp_logprob(value: float) -> float:
+    if math.isnan(value):
+        return LOGPROB_FLOOR
+    return max(value, LOGPROB_FLOOR)
+
+
+def check_common(req: SamplingRequest) -> int:
+    """Checks that SamplingParams cannot make; returns n."""
+    if req.response_format is not None and req.response_format.type != "text":
+        raise APIError(f"response_format type {req.response_format.type!r} is not supported; "
+                       "only 'text' is.", param="response_format")
+    n = 1 if req.n is None else req.n
+    if n > MAX_N:
+        raise APIError(f"n must be at most {MAX_N}, got {n}.", param="n")
+    return n
+
+
+def _params_error(exc: ValueError, rename: dict[str, str]) -> APIError:
+    message = str(exc)
+    field = message.split(" ", 1)[0]
+    if field not in _PARAM_NAMES:
+        return APIError(message)
+    param = rename.get(field, field)
+    return APIError(param + message[len(field):], param=param)
+
+
+def build_params(req: SamplingRequest, vocab_size: int, *, n: int, max_tokens: int | None,
+                 logprobs: int | None, prompt_logprobs: int | None,
+                 rename: dict[str, str]) -> SamplingParams:
+    """SamplingParams from the request; `rename` maps param fields to request field names."""
+    kwargs: dict[str, Any] = {f: getattr(req, f) for f in _PASSTHROUGH
+                              if getattr(req, f) is not None}
+    if req.logit_bias is not None:
+        try:
+            kwargs["logit_bias"] = {int(k): v for k, v in req.logit_bias.items()}
+        except ValueError:
+            raise APIError("logit_bias keys must be token ids written as strings.",
+                           param="logit_bias") from None
+    kwargs.update(n=n, max_tokens=max_tokens, logprobs=logprobs,
+                  prompt_logprobs=prompt_logprobs)
+    try:
+        params = SamplingParams(**kwargs)
+        params.validate_for_vocab(vocab_size)
+    except ValueError as exc:
+        raise _params_error(exc, rename) from None
+    return params
+
+
+def fit_to_context(params: SamplingParams, prompt_len: int, max_model_len: int, *,
+                   prompt_param: str, max_tokens_param: str,
+                   rename: dict[str, str]) -> SamplingParams:
+    """Checks prompt + max_tokens against the context; an absent max_tokens fills it."""
+    if prompt_len >= max_model_len:
+        raise APIError(
+            f"This model's maximum context length is {max_model_len} tokens. However, your "
+            f"prompt has {prompt_len} tokens, which leaves no room for a completion.",
+            param=prompt_param, code="context_length_exceeded")
+    if params.max_tokens is not None:
+        if prompt_len + params.max_tokens > max_model_len:
+            raise APIError(
+                f"This model's maximum context length is {max_model_len} tokens. However, you "
+                f"requested {prompt_len + params.max_tokens} tokens ({prompt_len} in the "
+                f"prompt, {params.max_tokens} for the completion). Reduce the prompt or "
+                f"{max_tokens_param}.", param=max_tokens_param, code="context_length_exceeded")
+        return params
+    try:
+        # Like vLLM: without a limit the completion may use the rest of the context.
+        return dataclasses.replace(params, max_tokens=max_model_len - prompt_len)
+    except ValueError as exc:
+        raise _params_error(exc, rename) from None
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise APIError(f"Token ids must be in [0, {vocab_size}); got {bad[:5]}.", param=param)
+
+
+def token_text(tokenizer: TokenizerService, token_id: int, lp: Logprob | None) -> str:
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return tokenizer.decode_token(token_id)
+
+
+async def merge_streams(engine: EngineClient,
+                        jobs: list[EngineJob]) -> AsyncGenerator[tuple[int, RequestOutput]]:
+    """Interleaves the engine streams of several jobs as (job index, output).
+
+    Each job is pumped by its own task into one queue. Closing this generator (client gone,
+    error, cancellation) cancels the pumps, which stops iterating the engine generators:
+    that is what aborts the requests in the engine. The cleanup never awaits, because it
+    may run inside a cancelled scope.
+    """
+    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, job: EngineJob) -> None:
+        # The generator is created inside the task: a task cancelled before it starts has
+        # then submitted nothing to the engine.
+        try:
+            async for out in engine.generate(job.request_id, job.prompt,
+                                             job.prompt_token_ids, job.params):
+                queue.put_nowait((i, out))
+        except ValueError as exc:  # the engine refused the request (EngineClient.generate)
+            queue.put_nowait((i, APIError(str(exc))))
+            return
+        except Exception as exc:
+            queue.put_nowait((i, exc))
+            return
+        queue.put_nowait((i, done))
+
+    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def sse_with_errors(chunks: AsyncGenerator[str]) -> AsyncIterator[str]:
+    """Ends every stream with [DONE]; an error after the first byte becomes an SSE event."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except Exception as exc:
+        yield sse_error_event(exc)
+    finally:
+        # Closes the inner generator now rather than at garbage collection; it never
+        # suspends, as the inner cleanup does not await.
+        await chunks.aclose()
+    yield SSE_DONE
+
+
+async def _wait_disconnected(request: Request, poll_s: float) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(poll_s)
+
+
+async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]],
+                              poll_s: float) -> T:
+    """Runs `work`, cancelling it (and so aborting its engine requests) if the client leaves."""
+    task = asyncio.ensure_future(work())
+    watcher = asyncio.ensure_future(_wait_disconnected(request, poll_s))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise APIError("The client disconnected before the response was ready.", status=499,
+                       code="client_disconnected")
+    finally:
+        task.cancel()
+        watcher.cancel()
