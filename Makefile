@@ -3,7 +3,17 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint bench clean
+MODEL ?=
+SERVE_ARGS ?=
+
+.PHONY: venv test lint bench serve clean
+
+# Checked while the Makefile is read, so a missing MODEL fails before any install work.
+ifneq ($(filter serve,$(MAKECMDGOALS)),)
+ifeq ($(strip $(MODEL)),)
+$(error make serve needs MODEL=<local Hugging Face model directory>, e.g. make serve MODEL=~/models/Qwen2.5-0.5B-Instruct (a built-in demo model is planned))
+endif
+endif
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -25,6 +35,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/offline_throughput.py
+
+serve: $(STAMP)
+	$(VENV)/bin/conveyor serve --model $(MODEL) $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -62,6 +62,30 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    # Imported here: the server pulls in uvicorn and the engine process machinery, which
+    # `generate` does not need.
+    from server.frontend.server import run_server
+
+    return run_server(args)
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
+                         description="Run the engine in its own process behind an "
+                                     "OpenAI-compatible HTTP server.")
+    add_engine_args(srv)
+    h = srv.add_argument_group("http")
+    h.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    h.add_argument("--port", type=int, default=8000, help="port to listen on")
+    h.add_argument("--served-model-name",
+                   help="model name clients use (default: the model directory's name)")
+    # The default is read by run_server, not here, so `--help` never prints the secret.
+    h.add_argument("--api-key", help="require 'Authorization: Bearer <key>' "
+                                     "(default: $CONVEYOR_API_KEY; unset = no auth)")
+    srv.set_defaults(func=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -78,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--sample-seed", type=int, help="per-request sampling seed")
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.set_defaults(func=_generate)
+    _add_serve_parser(sub)
     return parser
 
 

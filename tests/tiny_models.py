@@ -12,6 +12,11 @@ import torch
 
 VOCAB_SIZE = 512
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<{{ m['role'] }}>: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>: {% endif %}"
+)
+
 CORPUS = [
     "Beautiful code is better than clever code. Simple beats complex; flat beats nested.",
     "Errors should never pass silently, and readability counts in every module.",
@@ -42,6 +47,7 @@ def build_tokenizer(out_dir: Path) -> None:
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
     )
+    fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
 
 

@@ -26,6 +26,8 @@ from server.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
+_SHUTDOWN = "engine shut down"
+
 
 class AsyncEngine(EngineClient):
     """EngineClient over an engine running in a spawned process."""
@@ -37,6 +39,8 @@ class AsyncEngine(EngineClient):
         self.info = ModelInfo(max_model_len=0, vocab_size=0, eos_token_ids=eos_token_ids)
         self.engine_info = None
         self.dead_reason: str | None = None
+        # Set when the engine stops for any reason; the server exits when it does.
+        self.dead = asyncio.Event()
         self._loop = loop or asyncio.get_running_loop()
         self._ready = self._loop.create_future()
         self._queues: dict[str, asyncio.Queue] = {}
@@ -79,7 +83,7 @@ class AsyncEngine(EngineClient):
         await asyncio.to_thread(self.process.join, 10)
         if self.process.is_alive():
             self.process.kill()
-        self._mark_dead("engine shut down")
+        self._mark_dead(_SHUTDOWN)
 
     # ---- engine messages (reader thread -> event loop) ------------------------------------
 
@@ -121,7 +125,8 @@ class AsyncEngine(EngineClient):
         if self.dead_reason is not None:
             return
         self.dead_reason = reason
-        logger.error("%s", reason)
+        self.dead.set()
+        logger.log(logging.INFO if reason == _SHUTDOWN else logging.ERROR, "%s", reason)
         err = EngineDeadError(reason)
         if not self._ready.done():
             self._ready.set_exception(err)
@@ -210,4 +215,5 @@ class AsyncEngine(EngineClient):
         self._send(("stats", token))
         stats = dict(await fut)
         stats["num_kv_blocks"] = self.engine_info.num_kv_blocks if self.engine_info else 0
+        stats["engine_pid"] = self.process.pid
         return stats

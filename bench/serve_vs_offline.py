@@ -1,0 +1,92 @@
+"""HTTP server throughput vs the offline engine, same model and workload, one script.
+
+Starts `conveyor serve` on a free loopback port, sends the offline benchmark's 32 prompts
+(token ids, 128 output tokens each, ignore_eos, greedy) as 32 concurrent streaming
+completions, then runs the same workload through the offline LLM, and prints the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.bench_model import build_bench_model  # noqa: E402
+from bench.offline_throughput import make_prompts  # noqa: E402
+
+
+async def _run_http(base_url: str, prompts: list[list[int]], max_tokens: int) -> dict:
+    import httpx
+
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as client:
+        async def one(p: list[int]) -> int:
+            body = {"prompt": p, "max_tokens": max_tokens, "temperature": 0,
+                    "ignore_eos": True, "stream": True,
+                    "stream_options": {"include_usage": True}}
+            n = 0
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        usage = json.loads(line[6:]).get("usage")
+                        if usage:
+                            n = usage["completion_tokens"]
+            return n
+
+        await asyncio.gather(*[one(p) for p in prompts[:2]])  # warm-up
+        t0 = time.perf_counter()
+        counts = await asyncio.gather(*[one(p) for p in prompts])
+        elapsed = time.perf_counter() - t0
+    return {"engine": "conveyor-http", "seconds": elapsed, "output_tokens": sum(counts),
+            "output_tok_per_s": sum(counts) / elapsed}
+
+
+def run_http(model_dir: Path, prompts, max_tokens: int) -> dict:
+    from tests.server_process import running_server
+
+    with running_server(model_dir, "--dtype", "bfloat16", "--kv-cache-memory",
+                        str(1 << 30)) as server:
+        return asyncio.run(_run_http(server.base_url, prompts, max_tokens))
+
+
+def run_offline(model_dir: Path, prompts, max_tokens: int) -> dict:
+    from bench.offline_throughput import run_conveyor
+
+    args = argparse.Namespace(dtype="bfloat16", max_num_seqs=256)
+    return run_conveyor(model_dir, prompts, max_tokens, args)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) /
+                    "conveyor-bench-llama-110m", help="where the benchmark model is built/reused")
+    ap.add_argument("--num-prompts", type=int, default=32, help="concurrent requests")
+    ap.add_argument("--output-len", type=int, default=128, help="tokens per request")
+    ap.add_argument("--seed", type=int, default=0, help="prompt sampling seed")
+    ap.add_argument("--result-file", type=Path, default=Path("bench/results/serve.json"),
+                    help="JSON output")
+    args = ap.parse_args()
+    model_dir = build_bench_model(args.model_dir)
+    prompts = make_prompts(args.num_prompts, 32, 256, args.seed)
+    http = run_http(model_dir, prompts, args.output_len)
+    offline = run_offline(model_dir, prompts, args.output_len)
+    offline.pop("first_tokens", None)
+    ratio = http["output_tok_per_s"] / offline["output_tok_per_s"]
+    for r in (http, offline):
+        print(f"{r['engine']:>14}: {r['output_tok_per_s']:8.1f} output tok/s "
+              f"({r['output_tokens']} tokens in {r['seconds']:.1f} s)")
+    print(f"HTTP / offline = {ratio:.2f}")
+    args.result_file.parent.mkdir(parents=True, exist_ok=True)
+    args.result_file.write_text(json.dumps({"http": http, "offline": offline,
+                                            "ratio": ratio}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""`conveyor serve`: start the engine process and uvicorn, exit when either stops.
+
+The HTTP server listens at once (health is 503 until the model is loaded); if the engine
+dies, in-flight requests get errors, health turns 503 and the process exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+from pathlib import Path
+
+from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+logger = logging.getLogger("conveyor.server")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(model=args.model, dtype=args.dtype, tokenizer=args.tokenizer,
+                          max_model_len=args.max_model_len, seed=args.seed,
+                          attention_backend=args.attention_backend),
+        cache=CacheConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+                          kv_cache_memory=args.kv_cache_memory,
+                          gpu_memory_utilization=args.gpu_memory_utilization,
+                          enable_prefix_caching=args.enable_prefix_caching),
+        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
+                                  max_num_batched_tokens=args.max_num_batched_tokens),
+        device=args.device,
+    )
+
+
+def run_server(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    model_path = Path(args.model)
+    if not model_path.is_dir():
+        logger.error("model directory %s does not exist", model_path)
+        return 2
+    config = engine_config_from_args(args)
+    from transformers import AutoTokenizer
+
+    from server.engine_factory import resolve_eos_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer_path)
+    eos = resolve_eos_token_ids(model_path, tokenizer)
+    served = args.served_model_name or model_path.resolve().name
+    api_key = args.api_key or os.environ.get("CONVEYOR_API_KEY") or None
+    return asyncio.run(_serve(args, config, tokenizer, eos, served, api_key))
+
+
+async def _serve(args: argparse.Namespace, config: EngineConfig, tokenizer,
+                 eos: frozenset[int], served: str, api_key: str | None) -> int:
+    import uvicorn
+
+    from server.frontend.app import build_app
+    from server.frontend.async_engine import AsyncEngine
+
+    engine = AsyncEngine(config, tokenizer, eos)
+    app = build_app(engine, tokenizer, served, api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level="warning", timeout_keep_alive=30))
+    engine_failed = False
+
+    async def watch_engine() -> None:
+        nonlocal engine_failed
+        try:
+            await engine.wait_ready()
+            logger.info("serving %s on http://%s:%d", served, args.host, args.port)
+        except Exception:  # noqa: BLE001 - the dead event below says the rest
+            pass
+        await engine.dead.wait()
+        engine_failed = True
+        server.should_exit = True
+
+    watcher = asyncio.create_task(watch_engine())
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
+        failed_before_shutdown = engine_failed
+        await engine.shutdown()
+    if failed_before_shutdown:
+        logger.error("exiting: %s", engine.dead_reason)
+        return 1
+    return 0
