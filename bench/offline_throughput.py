@@ -33,7 +33,8 @@ def run_conveyor(model_dir: Path, prompts, max_tokens: int, args) -> dict:
     from server import LLM, SamplingParams
 
     llm = LLM(str(model_dir), dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              kv_cache_memory=1 << 30)
+              kv_cache_memory=1 << 30,
+              enable_prefix_caching=getattr(args, "enable_prefix_caching", True))
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]],
                  SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)  # warm-up

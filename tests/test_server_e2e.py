@@ -153,11 +153,24 @@ def test_disconnect_aborts_and_frees_blocks(server):
     assert stats["kv_cache_usage"] == 0.0
 
 
-def test_engine_death_gives_errors_503_and_nonzero_exit(model_dir):
+def test_engine_death_errors_in_flight_and_exits_nonzero(model_dir):
+    """Health 503 on a dead engine is covered in test_http_unit; here the real process."""
     server = ServerProcess(model_dir, "--num-kv-blocks", "64")
     try:
         pid = _stats(server)["engine_pid"]
-        os.kill(pid, signal.SIGKILL)
+        body = {"prompt": "Keep going", "max_tokens": 400, "ignore_eos": True,
+                "stream": True}
+        events = []
+        with httpx.stream("POST", server.base_url + "/v1/completions", json=body,
+                          timeout=30) as r:
+            for line in r.iter_lines():
+                if not line:
+                    continue
+                events.append(line)
+                if len(events) == 1:
+                    os.kill(pid, signal.SIGKILL)
+        assert events[-1] == "data: [DONE]"
+        assert '"error"' in events[-2] and "engine" in events[-2]
         deadline = time.monotonic() + 20
         while server.proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
