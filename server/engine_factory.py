@@ -46,6 +46,16 @@ def resolve_eos_token_ids(model_path: Path, tokenizer: Any) -> frozenset[int]:
     return eos
 
 
+def _resident_weight_bytes(model: Any) -> int:
+    """Parameters and buffers, plus linear weights that were re-packed outside them."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    for module in model.modules():
+        packed = getattr(module, "packed_weight", None)
+        if packed is not None:
+            tensors[id(packed)] = packed
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def build_engine_core(config: EngineConfig, eos_token_ids: frozenset[int]
                       ) -> tuple[EngineCore, EngineInfo, EngineConfig]:
     """Load the model and size the KV cache; returns the core, what was resolved, and the
@@ -64,8 +74,7 @@ def build_engine_core(config: EngineConfig, eos_token_ids: frozenset[int]
     backend = resolve_attention_backend(mc.attention_backend, device)
     model, arch, dtype = load_model(mc.path, dtype=mc.dtype, device=device,
                                     attention_backend=backend)
-    weight_bytes = sum(t.numel() * t.element_size()
-                       for t in list(model.parameters()) + list(model.buffers()))
+    weight_bytes = _resident_weight_bytes(model)
     max_model_len = resolve_max_model_len(mc.max_model_len, arch.max_position_embeddings)
     sched_cfg = SchedulerConfig(
         max_num_seqs=config.scheduler.max_num_seqs,
