@@ -48,7 +48,17 @@ def run_server(args: argparse.Namespace) -> int:
     eos = resolve_eos_token_ids(model_path, tokenizer)
     served = args.served_model_name or model_path.resolve().name
     api_key = args.api_key or os.environ.get("CONVEYOR_API_KEY") or None
-    return asyncio.run(_serve(args, config, tokenizer, eos, served, api_key))
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_serve(args, config, tokenizer, eos, served, api_key))
+
+
+def _loop_factory():
+    """uvloop when installed: the front end spends its CPU on per-token socket writes."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 async def _serve(args: argparse.Namespace, config: EngineConfig, tokenizer,

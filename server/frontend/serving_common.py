@@ -197,6 +197,18 @@ async def merge_streams(engine: EngineClient,
     that is what aborts the requests in the engine. The cleanup never awaits, because it
     may run inside a cancelled scope.
     """
+    if len(jobs) == 1:
+        # The common case, without a pump task and queue hop per token.
+        job = jobs[0]
+        stream = engine.generate(job.request_id, job.prompt, job.prompt_token_ids, job.params)
+        try:
+            async for out in stream:
+                yield 0, out
+        except ValueError as exc:  # the engine refused the request
+            raise APIError(str(exc)) from exc
+        finally:
+            await stream.aclose()  # never suspends: the engine's cleanup does not await
+        return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     done = object()
 
