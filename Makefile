@@ -8,13 +8,6 @@ SERVE_ARGS ?=
 
 .PHONY: venv test lint bench serve clean
 
-# Checked while the Makefile is read, so a missing MODEL fails before any install work.
-ifneq ($(filter serve,$(MAKECMDGOALS)),)
-ifeq ($(strip $(MODEL)),)
-$(error make serve needs MODEL=<local Hugging Face model directory>, e.g. make serve MODEL=~/models/Qwen2.5-0.5B-Instruct (a built-in demo model is planned))
-endif
-endif
-
 $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip -q
@@ -36,8 +29,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/offline_throughput.py
 
+# Without MODEL, the built-in demo model (package data) is served as conveyor-demo.
 serve: $(STAMP)
-	$(VENV)/bin/conveyor serve --model $(MODEL) $(SERVE_ARGS)
+	$(VENV)/bin/conveyor serve $(if $(strip $(MODEL)),--model $(MODEL)) $(SERVE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -10,7 +10,8 @@ from server.config import CacheConfig, SchedulerConfig
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("engine")
-    g.add_argument("--model", required=True, help="local Hugging Face model directory")
+    g.add_argument("--model", help="local Hugging Face model directory (default: the "
+                   "built-in demo model, served as 'conveyor-demo')")
     g.add_argument("--tokenizer", help="tokenizer directory (default: the model directory)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight and activation dtype; auto = the checkpoint's")
@@ -38,6 +39,15 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for unseeded random sampling")
 
 
+def resolve_model_arg(args: argparse.Namespace) -> str:
+    """--model, or the built-in demo model when it is not given."""
+    if args.model:
+        return args.model
+    from server.demo_model_path import demo_model_dir
+
+    return str(demo_model_dir())
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
@@ -53,7 +63,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def _generate(args: argparse.Namespace) -> int:
     from server import LLM, SamplingParams
 
-    llm = LLM(args.model, **engine_kwargs(args))
+    llm = LLM(resolve_model_arg(args), **engine_kwargs(args))
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.sample_seed, stop=args.stop)
     for out in llm.generate(args.prompt, params, use_tqdm=len(args.prompt) > 1):
@@ -79,7 +89,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--host", default="127.0.0.1", help="address to listen on")
     h.add_argument("--port", type=int, default=8000, help="port to listen on")
     h.add_argument("--served-model-name",
-                   help="model name clients use (default: the model directory's name)")
+                   help="model name clients use (default: the model directory's name, or "
+                       "'conveyor-demo' for the built-in model)")
     # The default is read by run_server, not here, so `--help` never prints the secret.
     h.add_argument("--api-key", help="require 'Authorization: Bearer <key>' "
                                      "(default: $CONVEYOR_API_KEY; unset = no auth)")

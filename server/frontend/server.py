@@ -17,9 +17,9 @@ from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfi
 logger = logging.getLogger("conveyor.server")
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfig:
     return EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, tokenizer=args.tokenizer,
+        model=ModelConfig(model=model, dtype=args.dtype, tokenizer=args.tokenizer,
                           max_model_len=args.max_model_len, seed=args.seed,
                           attention_backend=args.attention_backend),
         cache=CacheConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
@@ -35,18 +35,26 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 def run_server(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    model_path = Path(args.model)
+    from server.cli import resolve_model_arg
+    from server.demo_model_path import DEMO_MODEL_NAME
+
+    try:
+        model_path = Path(resolve_model_arg(args))
+    except FileNotFoundError as e:
+        logger.error("%s", e)
+        return 2
     if not model_path.is_dir():
         logger.error("model directory %s does not exist", model_path)
         return 2
-    config = engine_config_from_args(args)
+    config = engine_config_from_args(args, str(model_path))
     from transformers import AutoTokenizer
 
     from server.engine_factory import resolve_eos_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer_path)
     eos = resolve_eos_token_ids(model_path, tokenizer)
-    served = args.served_model_name or model_path.resolve().name
+    served = args.served_model_name or (DEMO_MODEL_NAME if not args.model
+                                        else model_path.resolve().name)
     api_key = args.api_key or os.environ.get("CONVEYOR_API_KEY") or None
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         return runner.run(_serve(args, config, tokenizer, eos, served, api_key))
