@@ -14,7 +14,7 @@ from typing import Any
 from server.config import EngineConfig
 from server.output_processor import OutputProcessor
 from server.outputs import RequestOutput
-from server.request import Request
+from server.request import Request, resolve_max_tokens, validate_prompt
 from server.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else str(next(self._ids))
         text, ids = self.tokenize_prompt(prompt)
         self.validate(ids, params)
-        max_tokens = self.max_model_len - len(ids)
-        if params.max_tokens is not None:
-            max_tokens = min(max_tokens, params.max_tokens)
+        max_tokens = resolve_max_tokens(len(ids), params, self.max_model_len)
         child_ids = self.output_processor.add_request(request_id, text, ids, params)
         for child_id in child_ids:
             self.core.add_request(Request(
@@ -70,17 +68,7 @@ class LLMEngine:
         return request_id
 
     def validate(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.info.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {len(ids)} tokens; with max_model_len={self.max_model_len} "
-                f"it leaves no room for output"
-            )
-        params.validate_for_vocab(vocab)
+        validate_prompt(ids, params, self.info.vocab_size, self.max_model_len)
 
     def abort_request(self, request_ids: list[str]) -> None:
         self.core.abort_requests(self.output_processor.abort(request_ids))

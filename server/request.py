@@ -94,3 +94,25 @@ class Request:
     def __repr__(self) -> str:
         return (f"Request({self.request_id!r}, tokens={self.num_tokens}, "
                 f"computed={self.num_computed_tokens}, {self.status.name})")
+
+
+def validate_prompt(ids: list[int], params: SamplingParams, vocab_size: int,
+                    max_model_len: int) -> None:
+    """Checks every engine front (offline or HTTP) makes before a request is queued."""
+    if not ids:
+        raise ValueError("the prompt is empty")
+    if any(not 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size})")
+    if len(ids) >= max_model_len:
+        raise ValueError(
+            f"the prompt has {len(ids)} tokens; with max_model_len={max_model_len} "
+            f"it leaves no room for output"
+        )
+    params.validate_for_vocab(vocab_size)
+
+
+def resolve_max_tokens(num_prompt_tokens: int, params: SamplingParams,
+                       max_model_len: int) -> int:
+    """params.max_tokens capped by the room left in the context (all of it when unset)."""
+    room = max_model_len - num_prompt_tokens
+    return room if params.max_tokens is None else min(room, params.max_tokens)

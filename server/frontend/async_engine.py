@@ -22,6 +22,7 @@ from server.engine_proc import AddRequest, engine_main
 from server.frontend.engine_client import EngineClient, EngineDeadError, ModelInfo
 from server.output_processor import OutputProcessor
 from server.outputs import RequestOutput
+from server.request import resolve_max_tokens, validate_prompt
 from server.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -158,10 +159,9 @@ class AsyncEngine(EngineClient):
             await self.wait_ready()
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        self._validate(prompt_token_ids, params)
-        max_tokens = self.info.max_model_len - len(prompt_token_ids)
-        if params.max_tokens is not None:
-            max_tokens = min(max_tokens, params.max_tokens)
+        validate_prompt(prompt_token_ids, params, self.info.vocab_size,
+                        self.info.max_model_len)
+        max_tokens = resolve_max_tokens(len(prompt_token_ids), params, self.info.max_model_len)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
         child_ids = self._processor.add_request(request_id, prompt, prompt_token_ids, params,
@@ -184,17 +184,6 @@ class AsyncEngine(EngineClient):
             self._queues.pop(request_id, None)
             if not finished:
                 self._abort_now(request_id)
-
-    def _validate(self, ids: list[int], params: SamplingParams) -> None:
-        if not ids:
-            raise ValueError("the prompt is empty")
-        vocab = self.info.vocab_size
-        if any(not 0 <= t < vocab for t in ids):
-            raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        if len(ids) >= self.info.max_model_len:
-            raise ValueError(f"the prompt has {len(ids)} tokens; max_model_len is "
-                             f"{self.info.max_model_len}")
-        params.validate_for_vocab(vocab)
 
     def _abort_now(self, request_id: str) -> None:
         children = self._processor.abort([request_id])
