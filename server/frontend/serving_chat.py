@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
-
-from starlette.requests import Request
 
 from server.frontend.errors import APIError
 from server.frontend.protocol import (
@@ -30,7 +28,7 @@ from server.frontend.serving_common import (
     MAX_LOGPROBS,
     ChoiceState,
     EngineJob,
-    ServingContext,
+    Serving,
     build_params,
     check_common,
     clamp_logprob,
@@ -38,9 +36,7 @@ from server.frontend.serving_common import (
     merge_streams,
     now,
     sse,
-    sse_with_errors,
     token_text,
-    unless_disconnected,
 )
 from server.frontend.tokenization import TokenizerService
 from server.outputs import PositionLogprobs
@@ -98,19 +94,7 @@ class _Prepared:
     top_logprobs: int | None  # None: no logprobs asked for
 
 
-class ChatServing:
-    def __init__(self, ctx: ServingContext) -> None:
-        self.ctx = ctx
-
-    async def create(self, req: ChatCompletionRequest,
-                     raw: Request) -> ChatCompletionResponse | AsyncIterator[str]:
-        prep = await self._prepare(req)
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse_with_errors(self._stream(prep, include_usage))
-        return await unless_disconnected(raw, lambda: self._collect(prep),
-                                         self.ctx.disconnect_poll_s)
-
+class ChatServing(Serving):
     async def _prepare(self, req: ChatCompletionRequest) -> _Prepared:
         ctx = self.ctx
         ctx.check_model(req.model)

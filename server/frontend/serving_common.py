@@ -276,3 +276,30 @@ async def unless_disconnected(request: Request, work: Callable[[], Awaitable[T]]
     finally:
         task.cancel()
         watcher.cancel()
+
+
+class Serving:
+    """One endpoint's flow: prepare the engine jobs, then stream them or collect a response.
+
+    Subclasses provide `_prepare(req)`, `_stream(prep, include_usage)` and `_collect(prep)`.
+    """
+
+    def __init__(self, ctx: ServingContext) -> None:
+        self.ctx = ctx
+
+    async def create(self, req: Any, raw: Request) -> Any:
+        prep = await self._prepare(req)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return sse_with_errors(self._stream(prep, include_usage))
+        return await unless_disconnected(raw, lambda: self._collect(prep),
+                                         self.ctx.disconnect_poll_s)
+
+    async def _prepare(self, req: Any) -> Any:
+        raise NotImplementedError
+
+    def _stream(self, prep: Any, include_usage: bool) -> AsyncGenerator[str]:
+        raise NotImplementedError
+
+    async def _collect(self, prep: Any) -> Any:
+        raise NotImplementedError

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
-
-from starlette.requests import Request
 
 from server.frontend.errors import APIError
 from server.frontend.protocol import (
@@ -22,7 +20,7 @@ from server.frontend.serving_common import (
     MAX_LOGPROBS,
     ChoiceState,
     EngineJob,
-    ServingContext,
+    Serving,
     build_params,
     check_common,
     check_token_ids,
@@ -31,9 +29,7 @@ from server.frontend.serving_common import (
     merge_streams,
     now,
     sse,
-    sse_with_errors,
     token_text,
-    unless_disconnected,
 )
 from server.frontend.tokenization import TokenizerService
 from server.outputs import CompletionOutput, PositionLogprobs
@@ -64,19 +60,7 @@ def append_logprobs(tokenizer: TokenizerService, lps: CompletionLogprobs, token_
     return offset
 
 
-class CompletionServing:
-    def __init__(self, ctx: ServingContext) -> None:
-        self.ctx = ctx
-
-    async def create(self, req: CompletionRequest,
-                     raw: Request) -> CompletionResponse | AsyncIterator[str]:
-        prep = await self._prepare(req)
-        if req.stream:
-            include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse_with_errors(self._stream(prep, include_usage))
-        return await unless_disconnected(raw, lambda: self._collect(prep),
-                                         self.ctx.disconnect_poll_s)
-
+class CompletionServing(Serving):
     async def _prompt_token_lists(self, req: CompletionRequest) -> list[tuple[str | None,
                                                                              list[int]]]:
         prompt = req.prompt
