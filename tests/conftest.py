@@ -40,3 +40,18 @@ def tiny_model_factory(tmp_path_factory, tokenizer_dir):
 @pytest.fixture(scope="session", params=sorted(ARCH_CONFIGS))
 def arch(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def kernel_device() -> str:
+    """Where Triton kernel tests run: natively on a GPU (TRITON_INTERPRET=0), else on the
+    CPU under the interpreter."""
+    import torch
+
+    from kernels.triton_utils import interpreting
+
+    if torch.cuda.is_available() and not interpreting():
+        return "cuda"
+    if not interpreting():
+        pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
+    return "cpu"
