@@ -16,9 +16,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight and activation dtype; auto = the checkpoint's")
     g.add_argument("--device", default="cpu", help="cpu or cuda")
-    g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "cpu"],
-                   help="auto = the native C++ decode kernel on CPU when it builds, "
-                        "torch = the pure-torch reference")
+    g.add_argument("--attention-backend", default="auto",
+                   choices=["auto", "torch", "cpu", "triton"],
+                   help="auto = Triton on CUDA, the native C++ decode kernel on CPU when it "
+                        "builds; torch = the pure-torch reference; triton = the Triton kernels "
+                        "(CUDA, or CPU under TRITON_INTERPRET=1)")
+    g.add_argument("--quantization", default=None, choices=["int8", "int4", "awq"],
+                   help="weight-only quantization of the decoder's linear layers: int8 "
+                        "(per-channel) or int4 (group size 128) quantize a bf16/fp16/fp32 "
+                        "checkpoint at load; an AWQ int4 checkpoint (quant_method awq in "
+                        "config.json) is detected and loaded as is (default: none)")
     g.add_argument("--max-model-len", type=int,
                    help="context length (default: the model's max_position_embeddings)")
     g.add_argument("--block-size", type=int, default=CacheConfig.block_size,
@@ -51,7 +58,7 @@ def resolve_model_arg(args: argparse.Namespace) -> str:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         tokenizer=args.tokenizer, dtype=args.dtype, device=args.device,
-        attention_backend=args.attention_backend,
+        attention_backend=args.attention_backend, quantization=args.quantization,
         max_model_len=args.max_model_len, block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,

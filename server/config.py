@@ -50,8 +50,10 @@ class ModelConfig:
     tokenizer: str | None = None
     max_model_len: int | None = None
     seed: int = 0
-    # "auto": native C++ kernel on CPU when it builds, else "torch" (the reference).
+    # "auto": Triton on CUDA; on CPU the native C++ kernel when it builds, else "torch".
     attention_backend: str = "auto"
+    # None (the checkpoint's own: dense, or AWQ int4), "int8" or "int4" (quantize at load).
+    quantization: str | None = None
 
     @property
     def path(self) -> Path:

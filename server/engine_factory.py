@@ -34,6 +34,7 @@ class EngineInfo:
     attention_backend: str
     dtype: str
     weight_bytes: int
+    quantization: str = "none"
 
 
 def resolve_eos_token_ids(model_path: Path, tokenizer: Any) -> frozenset[int]:
@@ -65,6 +66,7 @@ def build_engine_core(config: EngineConfig, eos_token_ids: frozenset[int]
     from server.model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
     from server.model.layers.attention_backend import resolve_attention_backend
     from server.model.loader import load_model
+    from server.model.quantization import describe as describe_quant
     from server.runner.model_runner import ModelRunner
 
     mc = config.model
@@ -73,7 +75,8 @@ def build_engine_core(config: EngineConfig, eos_token_ids: frozenset[int]
         torch.manual_seed(mc.seed)
     backend = resolve_attention_backend(mc.attention_backend, device)
     model, arch, dtype = load_model(mc.path, dtype=mc.dtype, device=device,
-                                    attention_backend=backend)
+                                    attention_backend=backend, quantization=mc.quantization)
+    quantization = describe_quant(model.quant)
     weight_bytes = _resident_weight_bytes(model)
     max_model_len = resolve_max_model_len(mc.max_model_len, arch.max_position_embeddings)
     sched_cfg = SchedulerConfig(
@@ -92,14 +95,16 @@ def build_engine_core(config: EngineConfig, eos_token_ids: frozenset[int]
             f"(kv_cache_memory / num_kv_blocks) or lower max_model_len"
         )
     kv_caches = allocate_kv_cache(arch, num_blocks, bs, dtype, device)
-    logger.info("model %s: %s weights %.1f MiB, attention backend %s; KV cache %d blocks "
-                "of %d tokens (%.1f MiB)", mc.model, str(dtype).removeprefix("torch."),
-                weight_bytes / 2**20, backend, num_blocks, bs, num_blocks * per_block / 2**20)
+    logger.info("model %s: %s weights, quantization %s, resident weight memory %.1f MiB, "
+                "attention backend %s; KV cache %d blocks of %d tokens (%.1f MiB)", mc.model,
+                str(dtype).removeprefix("torch."), quantization, weight_bytes / 2**20, backend,
+                num_blocks, bs, num_blocks * per_block / 2**20)
     runner = ModelRunner(model, kv_caches, bs, arch.vocab_size, eos_token_ids, device)
     core = EngineCore(Scheduler(sched_cfg, config.cache, num_blocks), runner)
     info = EngineInfo(max_model_len=max_model_len, vocab_size=arch.vocab_size,
                       num_kv_blocks=num_blocks, block_size=bs, attention_backend=backend,
-                      dtype=str(dtype).removeprefix("torch."), weight_bytes=weight_bytes)
+                      dtype=str(dtype).removeprefix("torch."), weight_bytes=weight_bytes,
+                      quantization=quantization)
     resolved = EngineConfig(model=mc, cache=config.cache, scheduler=sched_cfg,
                             device=config.device)
     return core, info, resolved

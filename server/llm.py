@@ -27,7 +27,10 @@ class LLM:
         max_num_seqs: most sequences running at once.
         max_num_batched_tokens: token budget per engine step (longer prompts are chunked).
         device: "cpu" or "cuda".
-        attention_backend: "auto", "torch" (reference) or "cpu" (native C++ decode kernel).
+        attention_backend: "auto" (Triton on CUDA, "cpu" on CPU when it builds), "torch"
+            (reference), "cpu" (native C++ decode kernel) or "triton".
+        quantization: None (dense, or the checkpoint's AWQ int4), "int8" (per-channel) or
+            "int4" (group size 128): weight-only quantization of the decoder's linear layers.
         seed: global seed for unseeded random sampling.
     """
 
@@ -47,12 +50,14 @@ class LLM:
         max_num_batched_tokens: int = 2048,
         device: str = "cpu",
         attention_backend: str = "auto",
+        quantization: str | None = None,
         seed: int = 0,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig(model=model, dtype=dtype, tokenizer=tokenizer,
                               max_model_len=max_model_len, seed=seed,
-                              attention_backend=attention_backend),
+                              attention_backend=attention_backend,
+                              quantization=quantization),
             cache=CacheConfig(block_size=block_size, num_kv_blocks=num_kv_blocks,
                               kv_cache_memory=kv_cache_memory,
                               gpu_memory_utilization=gpu_memory_utilization,

@@ -21,7 +21,8 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
     return EngineConfig(
         model=ModelConfig(model=model, dtype=args.dtype, tokenizer=args.tokenizer,
                           max_model_len=args.max_model_len, seed=args.seed,
-                          attention_backend=args.attention_backend),
+                          attention_backend=args.attention_backend,
+                          quantization=args.quantization),
         cache=CacheConfig(block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
                           kv_cache_memory=args.kv_cache_memory,
                           gpu_memory_utilization=args.gpu_memory_utilization,

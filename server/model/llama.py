@@ -18,15 +18,19 @@ from server.model.layers.embedding import VocabEmbedding
 from server.model.layers.linear import Linear
 from server.model.layers.norm import RMSNorm
 from server.model.layers.rotary import RotaryEmbedding
+from server.model.quantization import QuantConfig
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, arch: ModelArchConfig, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArchConfig, dtype: torch.dtype,
+                 quant: QuantConfig | None = None) -> None:
         super().__init__()
         inter = arch.intermediate_size
         self.gate_up_proj = Linear(arch.hidden_size, [inter, inter], bias=arch.mlp_bias,
-                                   shard_names=("gate_proj", "up_proj"), dtype=dtype)
-        self.down_proj = Linear(inter, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype)
+                                   shard_names=("gate_proj", "up_proj"), dtype=dtype,
+                                   quant=quant)
+        self.down_proj = Linear(inter, arch.hidden_size, bias=arch.mlp_bias, dtype=dtype,
+                                quant=quant)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -35,13 +39,16 @@ class LlamaMLP(nn.Module):
 
 class LlamaAttention(nn.Module):
     def __init__(self, arch: ModelArchConfig, layer: int, rotary_emb: RotaryEmbedding,
-                 backend: AttentionBackend, dtype: torch.dtype) -> None:
+                 backend: AttentionBackend, dtype: torch.dtype,
+                 quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.head_dim = arch.head_dim
         self.sizes = [arch.q_size, arch.kv_size, arch.kv_size]
         self.qkv_proj = Linear(arch.hidden_size, self.sizes, bias=arch.attention_bias,
-                               shard_names=("q_proj", "k_proj", "v_proj"), dtype=dtype)
-        self.o_proj = Linear(arch.q_size, arch.hidden_size, bias=arch.o_proj_bias, dtype=dtype)
+                               shard_names=("q_proj", "k_proj", "v_proj"), dtype=dtype,
+                               quant=quant)
+        self.o_proj = Linear(arch.q_size, arch.hidden_size, bias=arch.o_proj_bias, dtype=dtype,
+                             quant=quant)
         self.rotary_emb = rotary_emb  # shared by all layers
         self.attn = Attention(arch.num_heads, arch.num_kv_heads, arch.head_dim, backend,
                               sliding_window=arch.layer_sliding_window(layer))
@@ -59,10 +66,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArchConfig, self_attn: nn.Module, dtype: torch.dtype) -> None:
+    def __init__(self, arch: ModelArchConfig, self_attn: nn.Module, dtype: torch.dtype,
+                 quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.self_attn = self_attn
-        self.mlp = LlamaMLP(arch, dtype)
+        self.mlp = LlamaMLP(arch, dtype, quant)
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
 
@@ -82,13 +90,15 @@ class LlamaDecoderLayer(nn.Module):
 
 class LlamaModel(nn.Module):
     def __init__(self, arch: ModelArchConfig, attention_cls: type[LlamaAttention],
-                 backend: AttentionBackend, dtype: torch.dtype) -> None:
+                 backend: AttentionBackend, dtype: torch.dtype,
+                 quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.embed_tokens = VocabEmbedding(arch.vocab_size, arch.hidden_size, dtype)
         rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope_theta,
                                  arch.rope_scaling)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(arch, attention_cls(arch, i, rotary, backend, dtype), dtype)
+            LlamaDecoderLayer(arch, attention_cls(arch, i, rotary, backend, dtype, quant), dtype,
+                              quant)
             for i in range(arch.num_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, dtype)
@@ -109,12 +119,15 @@ class LlamaForCausalLM(nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
 
     def __init__(self, arch: ModelArchConfig, dtype: torch.dtype = torch.float32,
-                 attention_backend: str | AttentionBackend = "torch") -> None:
+                 attention_backend: str | AttentionBackend = "torch",
+                 quant: QuantConfig | None = None) -> None:
+        """`quant` applies to the decoder's linear layers; embeddings and lm_head stay dense."""
         super().__init__()
         backend = (get_attention_backend(attention_backend)
                    if isinstance(attention_backend, str) else attention_backend)
         self.arch = arch
-        self.model = LlamaModel(arch, self.attention_cls, backend, dtype)
+        self.quant = quant
+        self.model = LlamaModel(arch, self.attention_cls, backend, dtype, quant)
         self.lm_head = Linear(arch.hidden_size, arch.vocab_size, dtype=dtype)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from server.model.hf_config import ModelArchConfig, arch_config_from_dict, load_config_json
 from server.model.layers.linear import Linear
+from server.model.quantization import QuantConfig, resolve_quant_config
 from server.model.registry import get_model_class
 
 logger = logging.getLogger(__name__)
@@ -121,24 +122,30 @@ def load_weights(model: nn.Module, files: dict[Path, list[str]],
         raise ValueError(f"checkpoint is missing required weight(s): {shown}")
 
 
-def process_weights_after_loading(model: nn.Module) -> None:
-    """Let each Linear re-lay out its weight for the device (shared weights are kept)."""
+def process_weights_after_loading(model: nn.Module, pack: bool = True) -> None:
+    """Let each Linear quantize its weight, or (`pack`) re-lay it out for the device;
+    shared weights are kept."""
     owners: dict[int, int] = {}
     for module in model.modules():
         for param in module.parameters(recurse=False):
             owners[id(param)] = owners.get(id(param), 0) + 1
     for module in model.modules():
-        if isinstance(module, Linear) and module.weight is not None:
-            module.process_weights_after_loading(keep_dense=owners[id(module.weight)] > 1)
+        if not isinstance(module, Linear) or not (pack or module.quant is not None):
+            continue
+        shared = module.weight is not None and owners[id(module.weight)] > 1
+        module.process_weights_after_loading(keep_dense=shared)
 
 
 def load_model(
     model_dir: str | Path, dtype: str = "auto", device: torch.device | str = "cpu",
     attention_backend: str = "torch", show_progress: bool = True, pack_weights: bool = True,
+    quantization: str | None = None,
 ) -> tuple[nn.Module, ModelArchConfig, torch.dtype]:
     """(model in eval mode on `device`, its normalized config, the dtype of its weights).
 
     `pack_weights=False` keeps plain dense Linear weights (for inspecting or comparing them).
+    `quantization` ("int8", "int4", "awq" or None) is reconciled with the checkpoint's own
+    quantization_config; the result is `model.quant`.
     """
     model_dir = Path(model_dir)
     raw = load_config_json(model_dir)
@@ -150,9 +157,18 @@ def load_model(
         # Older configs rely on the library default (tied) instead of stating it.
         arch = dataclasses.replace(arch, tie_word_embeddings=True)
     torch_dtype = resolve_dtype(dtype, arch.torch_dtype)
+    quant = resolve_quant_config(quantization, raw)
     with torch.device(device):
-        model = model_cls(arch, dtype=torch_dtype, attention_backend=attention_backend)
+        model = model_cls(arch, dtype=torch_dtype, attention_backend=attention_backend,
+                          quant=quant)
+        if quant is not None:
+            _keep_skipped_dense(model, quant)
     load_weights(model, files, show_progress=show_progress)
-    if pack_weights:
-        process_weights_after_loading(model)
+    process_weights_after_loading(model, pack=pack_weights)
     return model.eval(), arch, torch_dtype
+
+
+def _keep_skipped_dense(model: nn.Module, quant: QuantConfig) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, Linear) and not quant.applies_to(name):
+            module.make_dense()

@@ -9,12 +9,14 @@ from server.model.layers.attention_backend import AttentionBackend
 from server.model.layers.norm import RMSNorm
 from server.model.layers.rotary import RotaryEmbedding
 from server.model.llama import LlamaAttention, LlamaForCausalLM
+from server.model.quantization import QuantConfig
 
 
 class Qwen3Attention(LlamaAttention):
     def __init__(self, arch: ModelArchConfig, layer: int, rotary_emb: RotaryEmbedding,
-                 backend: AttentionBackend, dtype: torch.dtype) -> None:
-        super().__init__(arch, layer, rotary_emb, backend, dtype)
+                 backend: AttentionBackend, dtype: torch.dtype,
+                 quant: QuantConfig | None = None) -> None:
+        super().__init__(arch, layer, rotary_emb, backend, dtype, quant)
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, dtype)
 

@@ -13,10 +13,11 @@ from server.model.attn_metadata import AttentionMetadata
 
 logger = logging.getLogger(__name__)
 
-# name -> "module:Class"; a new backend (e.g. "triton") is one more line here.
+# name -> "module:Class"; a new backend is one more line here.
 _BACKENDS = MappingProxyType({
     "torch": "server.model.layers.torch_attention:TorchAttentionBackend",
     "cpu": "server.model.layers.cpu_attention:CpuAttentionBackend",
+    "triton": "server.model.layers.triton_attention:TritonAttentionBackend",
 })
 
 
@@ -48,9 +49,28 @@ def supported_attention_backends() -> tuple[str, ...]:
 
 
 def resolve_attention_backend(name: str, device: torch.device) -> str:
-    """"auto": the native C++ kernel on CPU when it builds here, else the torch reference."""
+    """"auto": Triton on CUDA; on CPU the native C++ kernel when it builds, else the torch
+    reference. An explicit backend that cannot run on `device` is an error, not a fallback."""
+    if name not in ("auto", *_BACKENDS):
+        raise ValueError(
+            f"unknown attention backend {name!r}; available: auto, {', '.join(_BACKENDS)}"
+        )
+    if name == "triton":
+        from kernels.triton_utils import triton_supported
+
+        if not triton_supported(device):
+            raise ValueError(
+                f"attention_backend='triton' cannot run on {device.type}: Triton kernels need "
+                "a CUDA GPU (or TRITON_INTERPRET=1 to interpret them on the CPU, slowly); "
+                "use 'auto', 'torch' or 'cpu'"
+            )
+        return name
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"attention_backend='cpu' cannot run on {device.type}; use 'auto'")
     if name != "auto":
         return name
+    if device.type == "cuda":
+        return "triton"
     if device.type == "cpu":
         from kernels import cpu_native
 

@@ -1,4 +1,5 @@
-"""Dense linear layers, optionally packing several checkpoint projections into one matmul."""
+"""Linear layers, optionally packing several checkpoint projections into one matmul, with
+dense, int8 or int4 weights."""
 
 from __future__ import annotations
 
@@ -7,6 +8,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import kernels
+from kernels import quant
+from server.model.quantization import QuantConfig
+
+# Tensors of an AWQ checkpoint: (dim the output shards along, output columns per element).
+_AWQ_TENSORS = {"qweight": (1, 8), "qzeros": (1, 8), "scales": (1, 1)}
 
 
 def _onednn_packing_supported(weight: torch.Tensor) -> bool:
@@ -23,12 +31,15 @@ class Linear(nn.Module):
     A packed layer (fused q/k/v, gate/up) concatenates the outputs of the checkpoint's
     separate projections `shard_names`, which the loader fills one by one through
     `load_weight`. Parameters are allocated uninitialized: weights always come from a file.
-    On CPU, `process_weights_after_loading` may swap W for a oneDNN pre-packed copy.
+    After loading, `process_weights_after_loading` quantizes W when `quant` says so (int8
+    per channel, int4 per group; see kernels.quant for the layouts), or on CPU may swap W for
+    a oneDNN pre-packed copy. With `quant.from_awq` the layer holds the checkpoint's AWQ
+    tensors (qweight, qzeros, scales) from the start and never a dense W.
     """
 
     def __init__(self, in_features: int, output_sizes: int | Sequence[int], bias: bool = False,
                  shard_names: Sequence[str] | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, quant: QuantConfig | None = None) -> None:
         super().__init__()
         sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
         if shard_names is not None and len(shard_names) != len(sizes):
@@ -37,14 +48,51 @@ class Linear(nn.Module):
         self.output_sizes = sizes
         self.out_features = sum(sizes)
         self.shard_names = tuple(shard_names) if shard_names is not None else None
-        self.weight = nn.Parameter(
-            torch.empty(self.out_features, in_features, dtype=dtype), requires_grad=False
-        )
+        self.quant = quant
         self.bias = (nn.Parameter(torch.empty(self.out_features, dtype=dtype), requires_grad=False)
                      if bias else None)
         self.packed_weight: torch.Tensor | None = None
+        self.qweight: nn.Parameter | None = None
+        self.scales: nn.Parameter | None = None
+        self.qzeros: nn.Parameter | None = None
+        if quant is not None and quant.from_awq:
+            self.weight = None
+            self._make_awq_params(dtype)
+        else:
+            self.weight = nn.Parameter(
+                torch.empty(self.out_features, in_features, dtype=dtype), requires_grad=False
+            )
+
+    def _make_awq_params(self, dtype: torch.dtype | None) -> None:
+        assert self.quant is not None
+        if any(size % 8 for size in self.output_sizes):
+            raise ValueError(f"AWQ int4 needs output sizes divisible by 8, got "
+                             f"{self.output_sizes}")
+        k, n, g = self.in_features, self.out_features, self.quant.group_size
+        groups = -(-k // g)
+        shapes = {"qweight": ((k, n // 8), torch.int32), "qzeros": ((groups, n // 8), torch.int32),
+                  "scales": ((groups, n), dtype)}
+        for name, (shape, dt) in shapes.items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, dtype=dt), requires_grad=False))
+
+    def make_dense(self) -> None:
+        """Store a dense W after all (a module the AWQ checkpoint left unquantized)."""
+        if self.quant is None:
+            return
+        dtype = self.scales.dtype if self.scales is not None else None
+        self.quant = None
+        self.qweight = self.scales = self.qzeros = None
+        self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features, dtype=dtype),
+                                   requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.qweight is not None:
+            assert self.scales is not None
+            if self.qzeros is None:
+                return kernels.int8_linear(x, self.qweight, self.scales, self.bias)
+            assert self.quant is not None
+            return kernels.int4_linear(x, self.qweight, self.scales, self.qzeros,
+                                       self.quant.group_size, self.bias)
         if self.packed_weight is not None:
             return torch.ops.mkldnn._linear_pointwise(
                 x, self.packed_weight, self.bias, "none", [], ""
@@ -52,11 +100,15 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def process_weights_after_loading(self, keep_dense: bool = False) -> None:
-        """Pre-pack W for oneDNN (CPU fp32/bf16), so each matmul stops re-laying it out.
+        """Quantize W, or pre-pack it for oneDNN (CPU fp32/bf16) so each matmul stops
+        re-laying it out (worth ~1.4x on the decode matmuls).
 
-        Worth ~1.4x on the decode matmuls. The dense W is dropped unless `keep_dense`
-        (a weight shared with another module, e.g. tied embeddings, must stay).
+        The dense W is dropped unless `keep_dense` (a weight shared with another module,
+        e.g. tied embeddings, must stay).
         """
+        if self.quant is not None:
+            self._quantize()
+            return
         weight = self.weight
         if weight is None:
             return
@@ -70,6 +122,27 @@ class Linear(nn.Module):
         if not keep_dense:
             self.weight = None
 
+    def _quantize(self) -> None:
+        assert self.quant is not None
+        if self.quant.from_awq:
+            assert self.qweight is not None and self.qzeros is not None
+            # AWQ interleaves the 8 nibbles of each int32; our kernels read them in order.
+            self.qweight.data = quant.awq_to_natural(self.qweight.data)
+            self.qzeros.data = quant.awq_to_natural(self.qzeros.data)
+            return
+        assert self.weight is not None
+        w = self.weight.data
+        if self.quant.method == "int8":
+            q, s = quant.quantize_int8(w)
+            self.qweight = nn.Parameter(q, requires_grad=False)
+            self.scales = nn.Parameter(s, requires_grad=False)
+        else:
+            q, s, z = quant.quantize_int4(w, self.quant.group_size)
+            self.qweight = nn.Parameter(q, requires_grad=False)
+            self.scales = nn.Parameter(s, requires_grad=False)
+            self.qzeros = nn.Parameter(z, requires_grad=False)
+        self.weight = None
+
     def load_weight(self, param_name: str, tensor: torch.Tensor, shard: int | None = None) -> None:
         """Copy a checkpoint tensor into the whole parameter or into output shard `shard`."""
         param = getattr(self, param_name)
@@ -78,8 +151,9 @@ class Linear(nn.Module):
         if shard is None:
             target = param.data
         else:
-            start = sum(self.output_sizes[:shard])
-            target = param.data.narrow(0, start, self.output_sizes[shard])
+            dim, per_elem = _AWQ_TENSORS.get(param_name, (0, 1))
+            start = sum(self.output_sizes[:shard]) // per_elem
+            target = param.data.narrow(dim, start, self.output_sizes[shard] // per_elem)
         if tuple(target.shape) != tuple(tensor.shape):
             raise ValueError(
                 f"shape mismatch loading {param_name} (shard {shard}): checkpoint has "
@@ -88,5 +162,6 @@ class Linear(nn.Module):
         target.copy_(tensor)
 
     def extra_repr(self) -> str:
+        q = "" if self.quant is None else f", quant={self.quant.method}"
         return (f"in_features={self.in_features}, output_sizes={self.output_sizes}, "
-                f"bias={self.bias is not None}")
+                f"bias={self.bias is not None}{q}")
