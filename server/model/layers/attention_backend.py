@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from abc import ABC, abstractmethod
 from types import MappingProxyType
 
@@ -74,10 +75,11 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
     if device.type == "cpu":
         from kernels import cpu_native
 
-        if cpu_native.available():
+        if cpu_native.enabled():  # builds it on first use; CONVEYOR_NATIVE_CPU=0 opts out
             return "cpu"
-        logger.warning("native CPU attention unavailable (%s); using the torch reference",
-                       cpu_native.build_error())
+        if os.environ.get("CONVEYOR_NATIVE_CPU", "1") != "0":
+            logger.warning("native CPU attention unavailable (%s); using the torch reference",
+                           cpu_native.build_error())
     return "torch"
 
 
