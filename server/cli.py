@@ -104,6 +104,25 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv.set_defaults(func=_serve)
 
 
+def _bench_serve(args: argparse.Namespace) -> int:
+    from server.benchmarks.serve import run
+
+    return run(args)
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    # The load generator's module is torch-free and imports httpx only when it runs.
+    from server.benchmarks.serve import add_args
+
+    bench = sub.add_parser("bench", help="benchmarks", description="Conveyor benchmarks.")
+    kinds = bench.add_subparsers(dest="bench_command", required=True)
+    srv = kinds.add_parser("serve", help="load-test an OpenAI-compatible server",
+                           description="Send a workload to an OpenAI-compatible server and "
+                                       "report TTFT, TPOT, ITL, E2E latency and throughput.")
+    add_args(srv)
+    srv.set_defaults(func=_bench_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description="Conveyor LLM inference")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.set_defaults(func=_generate)
     _add_serve_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 
