@@ -6,6 +6,7 @@ the HTTP server); this is the one place that turns "auto" settings into numbers.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,4 +108,8 @@ def build_engine_core(config: EngineConfig, eos_token_ids: frozenset[int]
                       quantization=quantization)
     resolved = EngineConfig(model=mc, cache=config.cache, scheduler=sched_cfg,
                             device=config.device)
+    # Everything loaded so far (torch, transformers, the tokenizer: ~300k objects) lives for
+    # the whole run; without this every full collection rescans it and stalls a step ~0.2 s.
+    gc.collect()
+    gc.freeze()
     return core, info, resolved
