@@ -101,6 +101,9 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     # The default is read by run_server, not here, so `--help` never prints the secret.
     h.add_argument("--api-key", help="require 'Authorization: Bearer <key>' "
                                      "(default: $CONVEYOR_API_KEY; unset = no auth)")
+    h.add_argument("--vllm-metric-names", action="store_true",
+                   help="export every /metrics series under the vllm: prefix too (same "
+                        "values), for dashboards built for vLLM")
     srv.set_defaults(func=_serve)
 
 

@@ -1,5 +1,6 @@
 """Bearer-token check as a plain ASGI middleware (no BaseHTTPMiddleware: it breaks streaming
-disconnect detection). Health and version stay open so probes need no secret."""
+disconnect detection). Health, version and metrics stay open so probes and Prometheus
+need no secret."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.frontend.errors import APIError
 
-OPEN_PATHS = ("/health", "/version")
+OPEN_PATHS = ("/health", "/version", "/metrics")
 OPEN_PREFIXES = ("/v2/health/",)
 
 

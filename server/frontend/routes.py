@@ -12,9 +12,11 @@ from importlib import metadata
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from server.frontend.errors import APIError, engine_dead_error, engine_not_ready_error, parse_body
+from server.frontend.metrics import Metrics
 from server.frontend.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -161,5 +163,25 @@ def health_router() -> APIRouter:
         ctx.check_model(name)
         error = readiness(ctx)
         return error.response() if error else JSONResponse({"name": name, "ready": True})
+
+    return router
+
+
+def metrics_router() -> APIRouter:
+    """GET /metrics: Prometheus text format, open even with an API key (like vLLM)."""
+    router = APIRouter()
+
+    @router.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        ctx = _ctx(request)
+        m: Metrics = request.app.state.metrics
+        stats = None
+        # prometheus_client collects synchronously: fetch the engine's numbers first.
+        if ctx.engine.is_ready() and not ctx.engine.is_dead():
+            try:
+                stats = await ctx.engine.get_stats()
+            except Exception:  # noqa: BLE001 - engine died mid-scrape: request series only
+                stats = None
+        return Response(m.render(stats), media_type=CONTENT_TYPE_LATEST)
 
     return router

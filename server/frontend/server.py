@@ -76,9 +76,11 @@ async def _serve(args: argparse.Namespace, config: EngineConfig, tokenizer,
 
     from server.frontend.app import build_app
     from server.frontend.async_engine import AsyncEngine
+    from server.frontend.metrics import Metrics
 
     engine = AsyncEngine(config, tokenizer, eos)
-    app = build_app(engine, tokenizer, served, api_key)
+    metrics = Metrics(served, vllm_names=getattr(args, "vllm_metric_names", False))
+    app = build_app(engine, tokenizer, served, api_key, metrics)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                            log_level="warning", timeout_keep_alive=30))
     engine_failed = False

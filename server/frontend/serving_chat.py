@@ -129,10 +129,13 @@ class ChatServing(Serving):
         return _Prepared(request_id, EngineJob(request_id, prompt, ids, params), n,
                          top_logprobs)
 
+    def _jobs(self, prep: _Prepared) -> list[EngineJob]:
+        return [prep.job]
+
     async def _collect(self, prep: _Prepared) -> ChatCompletionResponse:
         states = [ChoiceState() for _ in range(prep.n)]
         # aclosing: leaving early (client gone) aborts the engine requests now.
-        async with aclosing(merge_streams(self.ctx.engine, [prep.job])) as outs:
+        async with aclosing(merge_streams(self.ctx.engine, [prep.job], self.ctx.metrics)) as outs:
             async for _, out in outs:
                 for comp in out.outputs:
                     states[comp.index].add(comp)
@@ -167,7 +170,7 @@ class ChatServing(Serving):
                                          delta=DeltaMessage(role="assistant", content="")))
         completion_tokens = 0
         # aclosing: leaving early (client gone) aborts the engine requests now.
-        async with aclosing(merge_streams(self.ctx.engine, [prep.job])) as outs:
+        async with aclosing(merge_streams(self.ctx.engine, [prep.job], self.ctx.metrics)) as outs:
             async for _, out in outs:
                 for comp in out.outputs:
                     completion_tokens += len(comp.token_ids)

@@ -24,6 +24,7 @@ from server.frontend.errors import (
     engine_not_ready_error,
     sse_error_event,
 )
+from server.frontend.metrics import Metrics, RequestTracker
 from server.frontend.protocol import SamplingRequest
 from server.frontend.tokenization import TokenizerService
 from server.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
@@ -53,6 +54,8 @@ class ServingContext:
     engine: EngineClient
     tokenizer: TokenizerService
     served_model_name: str
+    # None: no metrics recorded (tests that build a context by hand).
+    metrics: Metrics | None = None
     # How often a non-streaming handler checks whether its client is still there.
     disconnect_poll_s: float = 0.5
 
@@ -94,6 +97,8 @@ class EngineJob:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    # time.monotonic() when the HTTP request arrived (Serving.create sets it), for TTFT.
+    arrival: float = field(default_factory=time.monotonic)
 
 
 def now() -> int:
@@ -188,9 +193,27 @@ def token_text(tokenizer: TokenizerService, token_id: int, lp: Logprob | None) -
     return tokenizer.decode_token(token_id)
 
 
-async def merge_streams(engine: EngineClient,
-                        jobs: list[EngineJob]) -> AsyncGenerator[tuple[int, RequestOutput]]:
+class _NoTracker:
+    def on_output(self, out: RequestOutput) -> None:
+        pass
+
+    def close(self, aborted: bool) -> None:
+        pass
+
+
+def _tracker(metrics: Metrics | None, job: EngineJob) -> RequestTracker | _NoTracker:
+    if metrics is None:
+        return _NoTracker()
+    return metrics.track(len(job.prompt_token_ids), job.params.n, job.arrival)
+
+
+async def merge_streams(engine: EngineClient, jobs: list[EngineJob],
+                        metrics: Metrics | None = None
+                        ) -> AsyncGenerator[tuple[int, RequestOutput]]:
     """Interleaves the engine streams of several jobs as (job index, output).
+
+    With `metrics`, each job's outputs are observed as they come out of the engine, and
+    the job is recorded when its stream ends (finished, failed, or aborted).
 
     Each job is pumped by its own task into one queue. Closing this generator (client gone,
     error, cancellation) cancels the pumps, which stops iterating the engine generators:
@@ -200,13 +223,20 @@ async def merge_streams(engine: EngineClient,
     if len(jobs) == 1:
         # The common case, without a pump task and queue hop per token.
         job = jobs[0]
+        tracker = _tracker(metrics, job)
+        aborted = False
         stream = engine.generate(job.request_id, job.prompt, job.prompt_token_ids, job.params)
         try:
             async for out in stream:
+                tracker.on_output(out)
                 yield 0, out
         except ValueError as exc:  # the engine refused the request
             raise APIError(str(exc)) from exc
+        except (GeneratorExit, asyncio.CancelledError):
+            aborted = True
+            raise
         finally:
+            tracker.close(aborted)
             await stream.aclose()  # never suspends: the engine's cleanup does not await
         return
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
@@ -215,16 +245,24 @@ async def merge_streams(engine: EngineClient,
     async def pump(i: int, job: EngineJob) -> None:
         # The generator is created inside the task: a task cancelled before it starts has
         # then submitted nothing to the engine.
+        tracker = _tracker(metrics, job)
+        aborted = False
         try:
             async for out in engine.generate(job.request_id, job.prompt,
                                              job.prompt_token_ids, job.params):
+                tracker.on_output(out)
                 queue.put_nowait((i, out))
         except ValueError as exc:  # the engine refused the request (EngineClient.generate)
             queue.put_nowait((i, APIError(str(exc))))
             return
+        except asyncio.CancelledError:
+            aborted = True
+            raise
         except Exception as exc:
             queue.put_nowait((i, exc))
             return
+        finally:
+            tracker.close(aborted)
         queue.put_nowait((i, done))
 
     tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
@@ -288,7 +326,10 @@ class Serving:
         self.ctx = ctx
 
     async def create(self, req: Any, raw: Request) -> Any:
+        arrival = time.monotonic()
         prep = await self._prepare(req)
+        for job in self._jobs(prep):
+            job.arrival = arrival
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return sse_with_errors(self._stream(prep, include_usage))
@@ -296,6 +337,9 @@ class Serving:
                                          self.ctx.disconnect_poll_s)
 
     async def _prepare(self, req: Any) -> Any:
+        raise NotImplementedError
+
+    def _jobs(self, prep: Any) -> list[EngineJob]:
         raise NotImplementedError
 
     def _stream(self, prep: Any, include_usage: bool) -> AsyncGenerator[str]:

@@ -121,12 +121,15 @@ class CompletionServing(Serving):
         positions = prompt_lps if prompt_lps is not None else [None] * len(ids)
         return append_logprobs(self.ctx.tokenizer, lps, ids, positions, offset)
 
+    def _jobs(self, prep: _Prepared) -> list[EngineJob]:
+        return prep.jobs
+
     async def _collect(self, prep: _Prepared) -> CompletionResponse:
         n = prep.n
         states = [ChoiceState() for _ in range(len(prep.jobs) * n)]
         prompt_lps: dict[int, list[PositionLogprobs | None]] = {}
         # aclosing: leaving early (client gone) aborts the engine requests now.
-        async with aclosing(merge_streams(self.ctx.engine, prep.jobs)) as outs:
+        async with aclosing(merge_streams(self.ctx.engine, prep.jobs, self.ctx.metrics)) as outs:
             async for i, out in outs:
                 if out.prompt_logprobs is not None:
                     prompt_lps[i] = out.prompt_logprobs
@@ -186,7 +189,7 @@ class CompletionServing(Serving):
         prompt_lps: dict[int, list[PositionLogprobs | None]] = {}
         completion_tokens = 0
         # aclosing: leaving early (client gone) aborts the engine requests now.
-        async with aclosing(merge_streams(self.ctx.engine, prep.jobs)) as outs:
+        async with aclosing(merge_streams(self.ctx.engine, prep.jobs, self.ctx.metrics)) as outs:
             async for i, out in outs:
                 if out.prompt_logprobs is not None:
                     prompt_lps[i] = out.prompt_logprobs
