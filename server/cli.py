@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Mapping
 
 from server.config import CacheConfig, SchedulerConfig
+from server.config_sources import (
+    CONFIG_ENV,
+    ConfigError,
+    apply_as_defaults,
+    env_names,
+    values_from_env,
+    values_from_file,
+)
 
 
 def add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -104,6 +114,16 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--vllm-metric-names", action="store_true",
                    help="export every /metrics series under the vllm: prefix too (same "
                         "values), for dashboards built for vLLM")
+    h.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="on SIGTERM/SIGINT, seconds running requests get to finish before "
+                        "they are aborted (readiness turns 503 and new generation requests "
+                        "are refused at once; a second signal stops at once)")
+    h.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="server log format; json also logs one line per finished HTTP "
+                        "request (request id, route, status, tokens, TTFT, latency)")
+    h.add_argument("--log-prompts", action="store_true",
+                   help="include prompts and chat messages in the json request log lines "
+                        "(default: never logged)")
     srv.set_defaults(func=_serve)
 
 
@@ -143,12 +163,74 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     gen.set_defaults(func=_generate)
     _add_serve_parser(sub)
+    for name in LAYERED_COMMANDS:
+        _add_config_arg(sub.choices[name])
     _add_bench_parser(sub)
     return parser
 
 
+# Commands whose flags may also come from CONVEYOR_* variables and a --config YAML file.
+LAYERED_COMMANDS = ("generate", "serve")
+_LAYERS_EPILOG = (
+    "Every flag can also be set by the environment variable CONVEYOR_<FLAG> (dashes become "
+    "underscores, upper case: --max-num-seqs is CONVEYOR_MAX_NUM_SEQS) or by a YAML file "
+    "given with --config (keys are flag names, with dashes or underscores). Booleans take "
+    "true/false, 1/0 or yes/no. Precedence: command line > environment > config file > "
+    "defaults.")
+
+
+def _add_config_arg(p: argparse.ArgumentParser) -> None:
+    """--config, and the env/file convention in the command's --help."""
+    p.add_argument("--config", metavar="PATH",
+                   help=f"YAML file of flag values (default: ${CONFIG_ENV}); see below")
+    p.epilog = _LAYERS_EPILOG
+
+
+def _config_path(argv: list[str], environ: Mapping[str, str]) -> str | None:
+    """--config from the command line (without parsing the rest yet), else $CONVEYOR_CONFIG."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    # Only tokens before "--" are options.
+    opts = argv[: argv.index("--")] if "--" in argv else argv
+    return pre.parse_known_args(opts)[0].config or environ.get(CONFIG_ENV) or None
+
+
+def parse_args(argv: list[str] | None = None,
+               environ: Mapping[str, str] | None = None) -> argparse.Namespace:
+    """Parse the command line over the environment over the --config file over the defaults.
+
+    Bad file keys and bad values exit with a usage error naming the key and where it came
+    from; unknown CONVEYOR_* variables only warn (on stderr).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    environ = os.environ if environ is None else environ
+    parser = build_parser()
+    command = argv[0] if argv else None
+    if command not in LAYERED_COMMANDS:
+        return parser.parse_args(argv)
+    subs = next(a for a in parser._actions  # noqa: SLF001 -- argparse keeps it private
+                if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    cmd = subs.choices[command]
+    others = frozenset().union(*(env_names(subs.choices[c]) for c in LAYERED_COMMANDS))
+    try:
+        path = _config_path(argv[1:], environ)
+        values = values_from_file(cmd, path) if path else {}
+        from_env = values_from_env(cmd, environ, others)
+    except ConfigError as exc:
+        cmd.error(str(exc))
+    values.update(from_env.values)  # the environment beats the file
+    for warning in from_env.warnings:
+        print(f"{cmd.prog}: warning: {warning}", file=sys.stderr)
+    deferred = apply_as_defaults(cmd, values)
+    args = parser.parse_args(argv)
+    for dest in deferred:  # list flags: the command line replaces, never extends, them
+        if getattr(args, dest) is None:
+            setattr(args, dest, values[dest])
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     return args.func(args)
 
 

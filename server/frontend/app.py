@@ -15,7 +15,9 @@ from fastapi import FastAPI
 from server.frontend.auth import APIKeyMiddleware
 from server.frontend.engine_client import EngineClient
 from server.frontend.errors import install_exception_handlers
+from server.frontend.lifecycle import Lifecycle, LifecycleMiddleware
 from server.frontend.metrics import HTTPMetricsMiddleware, Metrics, RouteTable
+from server.frontend.request_log import RecordingMetrics
 from server.frontend.routes import (
     health_router,
     metrics_router,
@@ -29,13 +31,19 @@ from server.frontend.tokenization import TokenizerService
 
 
 def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
-              api_key: str | None, metrics: Metrics | None = None) -> FastAPI:
+              api_key: str | None, metrics: Metrics | None = None, *,
+              lifecycle: Lifecycle | None = None, log_json: bool = False,
+              log_prompts: bool = False) -> FastAPI:
     """The HTTP app. `tokenizer` is a Hugging Face tokenizer (encode, decode,
     apply_chat_template); with `api_key` set every route but health, version and metrics
     needs `Authorization: Bearer <api_key>`. `metrics` (default: a fresh Metrics with
-    `conveyor:` names only) is what GET /metrics exports."""
+    `conveyor:` names only) is what GET /metrics exports. `lifecycle` (default: a fresh
+    one, on app.state.lifecycle) is what a graceful shutdown drains; `log_json` logs one
+    JSON line per finished request, with the prompt too under `log_prompts`."""
     if metrics is None:
         metrics = Metrics(served_model_name)
+    if lifecycle is None:
+        lifecycle = Lifecycle()
     tokens = TokenizerService(tokenizer)
 
     @asynccontextmanager
@@ -44,10 +52,12 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
         tokens.close()
 
     app = FastAPI(title="Conveyor", lifespan=lifespan)
+    # The wrapper records token counts and TTFT for the request log; the series are the same.
     ctx = ServingContext(engine=engine, tokenizer=tokens, served_model_name=served_model_name,
-                         metrics=metrics)
+                         metrics=RecordingMetrics(metrics))  # type: ignore[arg-type]
     app.state.ctx = ctx
     app.state.metrics = metrics
+    app.state.lifecycle = lifecycle
     app.state.completions = CompletionServing(ctx)
     app.state.chat = ChatServing(ctx)
 
@@ -60,8 +70,12 @@ def build_app(engine: EngineClient, tokenizer: Any, served_model_name: str,
         app.include_router(router, prefix=prefix)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
-    # Added last, so outermost: requests refused by auth are counted too.
-    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics,
-                       routes=RouteTable([*((p, r.routes) for p, r in mounts),
-                                          ("", app.router.routes)]))  # /docs etc.
+    routes = RouteTable([*((p, r.routes) for p, r in mounts),
+                         ("", app.router.routes)])  # /docs etc.
+    # Outside auth, so refused requests get an id and a log line too.
+    app.add_middleware(LifecycleMiddleware, lifecycle=lifecycle, routes=routes,
+                       served_model_name=served_model_name, log_json=log_json,
+                       log_prompts=log_prompts)
+    # Added last, so outermost: requests refused by auth or by a drain are counted too.
+    app.add_middleware(HTTPMetricsMiddleware, metrics=metrics, routes=routes)
     return app

@@ -2,6 +2,11 @@
 
 The HTTP server listens at once (health is 503 until the model is loaded); if the engine
 dies, in-flight requests get errors, health turns 503 and the process exits non-zero.
+
+SIGTERM or SIGINT drains instead of stopping uvicorn at once (which would close the
+listening socket, so load balancers would see refused connections, not a 503): readiness
+turns 503, running requests get --shutdown-timeout seconds, then uvicorn and the engine
+stop and the process exits 0. A second signal stops at once.
 """
 
 from __future__ import annotations
@@ -10,9 +15,15 @@ import argparse
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
 
 from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+
+if TYPE_CHECKING:
+    import uvicorn
 
 logger = logging.getLogger("conveyor.server")
 
@@ -33,9 +44,20 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
     )
 
 
+def _configure_logging(log_format: str) -> None:
+    if log_format == "json":
+        from server.frontend.request_log import JSONFormatter
+
+        handler = logging.StreamHandler()
+        handler.setFormatter(JSONFormatter())
+        logging.basicConfig(level=logging.INFO, handlers=[handler])
+    else:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
 def run_server(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _configure_logging(getattr(args, "log_format", "text"))
     from server.cli import resolve_model_arg
     from server.demo_model_path import DEMO_MODEL_NAME
 
@@ -76,13 +98,35 @@ async def _serve(args: argparse.Namespace, config: EngineConfig, tokenizer,
 
     from server.frontend.app import build_app
     from server.frontend.async_engine import AsyncEngine
+    from server.frontend.lifecycle import Lifecycle
     from server.frontend.metrics import Metrics
 
     engine = AsyncEngine(config, tokenizer, eos)
     metrics = Metrics(served, vllm_names=getattr(args, "vllm_metric_names", False))
-    app = build_app(engine, tokenizer, served, api_key, metrics)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
-                                           log_level="warning", timeout_keep_alive=30))
+    lifecycle = Lifecycle()
+    app = build_app(engine, tokenizer, served, api_key, metrics, lifecycle=lifecycle,
+                    log_json=getattr(args, "log_format", "text") == "json",
+                    log_prompts=getattr(args, "log_prompts", False))
+    shutdown_timeout = float(getattr(args, "shutdown_timeout", 30.0))
+    loop = asyncio.get_running_loop()
+    drain_tasks: list[asyncio.Task] = []
+
+    def start_drain() -> None:
+        drain_tasks.append(asyncio.ensure_future(drain_then_exit()))
+
+    async def drain_then_exit() -> None:
+        logger.info("shutting down: refusing new requests, draining for up to %gs",
+                    shutdown_timeout)
+        cut = await lifecycle.drain(shutdown_timeout)
+        if cut:
+            logger.warning("aborted %d request(s) still running after %gs", cut,
+                           shutdown_timeout)
+        server.should_exit = True
+
+    server = _draining_server(uvicorn.Config(app, host=args.host, port=args.port,
+                                             log_level="warning", timeout_keep_alive=30,
+                                             timeout_graceful_shutdown=5),
+                              lambda: loop.call_soon_threadsafe(start_drain))
     engine_failed = False
 
     async def watch_engine() -> None:
@@ -101,9 +145,37 @@ async def _serve(args: argparse.Namespace, config: EngineConfig, tokenizer,
         await server.serve()
     finally:
         watcher.cancel()
+        for task in drain_tasks:
+            task.cancel()
         failed_before_shutdown = engine_failed
         await engine.shutdown()
     if failed_before_shutdown:
         logger.error("exiting: %s", engine.dead_reason)
         return 1
     return 0
+
+
+def _draining_server(config: uvicorn.Config,
+                     on_first_signal: Callable[[], None]) -> uvicorn.Server:
+    """A uvicorn.Server whose first SIGTERM/SIGINT calls `on_first_signal` (which starts
+    the drain) instead of stopping; a second one stops at once. Built here so that uvicorn
+    is imported only when serving."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def __init__(self) -> None:
+            super().__init__(config)
+            self.drain_requested = False
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Runs in the signal handler: only flags and a thread-safe loop callback. Not
+            # recorded for re-raising (uvicorn re-raises captured signals after serving,
+            # which would turn a clean drain into death by SIGTERM).
+            if self.drain_requested:
+                self.should_exit = True
+                self.force_exit = True
+                return
+            self.drain_requested = True
+            on_first_signal()
+
+    return DrainingServer()
