@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 
@@ -64,6 +65,8 @@ def run_loop(core, eos_token_ids: frozenset[int], inbox: Connection,
     from server.request import Request
 
     parent = os.getppid()
+    # Wall time spent in steps: its rate is the engine's busy fraction (utilization).
+    busy_s = 0.0
     while True:
         if not core.has_unfinished_requests():
             while not inbox.poll(_IDLE_POLL_S):
@@ -81,10 +84,13 @@ def run_loop(core, eos_token_ids: frozenset[int], inbox: Connection,
             elif msg[0] == "stop":
                 core.stop_requests(msg[1])
             elif msg[0] == "stats":
-                outbox.send(("stats", msg[1], asdict(core.stats())))
+                outbox.send(("stats", msg[1],
+                             {**asdict(core.stats()), "engine_busy_seconds": busy_s}))
             elif msg[0] == "shutdown":
                 return
         if core.has_unfinished_requests():
+            t0 = time.perf_counter()
             outputs = core.step()
+            busy_s += time.perf_counter() - t0
             if outputs:
                 outbox.send(("outputs", outputs))

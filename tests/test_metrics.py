@@ -20,7 +20,7 @@ MODEL = "fake-model"
 CHAT = [{"role": "user", "content": "hi"}]
 ENGINE_STATS = {"num_running": 0.0, "num_waiting": 0.0, "kv_cache_usage": 0.0,
                 "num_free_blocks": 10.0, "num_kv_blocks": 10.0, "prefix_cache_queries": 40.0,
-                "prefix_cache_hits": 16.0, "num_preemptions": 3.0}
+                "prefix_cache_hits": 16.0, "num_preemptions": 3.0, "engine_busy_seconds": 1.5}
 
 
 class StatsEngine(FakeEngineClient):
@@ -105,6 +105,7 @@ def test_counters_after_known_requests_equal_usage():
     assert get(m, p + "kv_cache_usage_perc") == 0
     assert get(m, p + "prefix_cache_queries_total") == 40
     assert get(m, p + "prefix_cache_hits_total") == 16
+    assert get(m, p + "engine_busy_seconds_total") == 1.5
     assert get(m, p + "num_preemptions_total") == 3
     # No request-queue/prefill/decode series: the engine does not report those timestamps.
     assert not any("queue_time" in name or "prefill_time" in name for name, _ in m)
@@ -248,3 +249,4 @@ def test_real_server_metrics(tiny_model_factory):
         # The second prompt repeats the first: its full blocks come from the prefix cache.
         assert val(p + "prefix_cache_queries_total") > 0
         assert val(p + "num_preemptions_total") == 0
+        assert val(p + "engine_busy_seconds_total") > 0  # the engine ran steps

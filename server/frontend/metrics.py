@@ -142,6 +142,9 @@ class _EngineCollector(Collector):
                  "prefix_cache_queries"),
                 ("prefix_cache_hits", "Prompt tokens found in the prefix cache.",
                  "prefix_cache_hits"),
+                # rate() of this is the share of wall time the engine spends computing.
+                ("engine_busy_seconds", "Seconds the engine spent running steps.",
+                 "engine_busy_seconds"),
             )
             for name, doc, key in counters:
                 c = CounterMetricFamily(p + name, doc, labels=["model_name"])
