@@ -39,9 +39,14 @@ def available() -> bool:
     return True
 
 
+def requested() -> bool:
+    """False when CONVEYOR_NATIVE_CPU=0 opts out of the native ops."""
+    return os.environ.get("CONVEYOR_NATIVE_CPU", "1") != "0"
+
+
 def enabled() -> bool:
     """Use the native ops on CPU unless CONVEYOR_NATIVE_CPU=0 or they do not build."""
-    return os.environ.get("CONVEYOR_NATIVE_CPU", "1") != "0" and available()
+    return requested() and available()
 
 
 def build_error() -> str | None:

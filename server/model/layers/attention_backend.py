@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from abc import ABC, abstractmethod
 from types import MappingProxyType
 
@@ -77,7 +76,7 @@ def resolve_attention_backend(name: str, device: torch.device) -> str:
 
         if cpu_native.enabled():  # builds it on first use; CONVEYOR_NATIVE_CPU=0 opts out
             return "cpu"
-        if os.environ.get("CONVEYOR_NATIVE_CPU", "1") != "0":
+        if cpu_native.requested():
             logger.warning("native CPU attention unavailable (%s); using the torch reference",
                            cpu_native.build_error())
     return "torch"
