@@ -233,8 +233,22 @@ def _decode(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, lens
     out.copy_(o.reshape(n, hq, d))
 
 
+def _context_kv(kv_cache: torch.Tensor, block_ids: torch.Tensor,
+                workspace: Workspace | None) -> torch.Tensor:
+    """[2, n * block_size, Hkv, D] of these blocks: a view when their ids are consecutive
+    (a prompt's blocks often are), else a gather."""
+    first = int(block_ids[0])
+    n = block_ids.numel()
+    if int(block_ids[-1]) - first == n - 1 and (
+            n < 3 or bool((block_ids[1:] - block_ids[:-1] == 1).all())):
+        _, _, block_size, hkv, d = kv_cache.shape
+        return kv_cache[:, first:first + n].reshape(2, n * block_size, hkv, d)
+    return _gather_blocks(kv_cache, block_ids, workspace)
+
+
 def _prefill_one(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor, seq_len: int,
-                 block_table: torch.Tensor, scale: float, sliding_window: int | None) -> None:
+                 block_table: torch.Tensor, scale: float, sliding_window: int | None,
+                 workspace: Workspace | None = None) -> None:
     """One request's new tokens [n, Hq, D] against its whole (paged) context."""
     n = query.shape[0]
     block_size = kv_cache.shape[2]
@@ -242,7 +256,9 @@ def _prefill_one(out: torch.Tensor, query: torch.Tensor, kv_cache: torch.Tensor,
     kstart = 0 if sliding_window is None else max(0, ctx - sliding_window + 1)
     b0 = kstart // block_size
     b1 = -(-seq_len // block_size)
-    kv = _gather_blocks(kv_cache, block_table[b0:b1], None)[:, : seq_len - b0 * block_size]
+    # A late chunk of a long prompt re-reads its whole context every layer: a reused
+    # buffer (or a view) spares a fresh multi-MB allocation and its page faults each time.
+    kv = _context_kv(kv_cache, block_table[b0:b1], workspace)[:, : seq_len - b0 * block_size]
     k, v = kv[0].transpose(0, 1)[None], kv[1].transpose(0, 1)[None]
     q = query.transpose(0, 1)[None]
     if ctx == 0 and sliding_window is None:
@@ -288,5 +304,5 @@ def paged_attention(
         s, e = qsl[r], qsl[r + 1]
         if e > s:
             _prefill_one(out[s:e], query[s:e], kv_cache, lens_list[r], block_tables[r],
-                         scale, sliding_window)
+                         scale, sliding_window, workspace)
     return out

@@ -28,13 +28,16 @@ def _naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 
 
 def _paged_case(query_lens: list[int], seq_lens: list[int], hq: int, hkv: int, block_size: int,
-                num_blocks: int = 4096, d: int = 32, seed: int = 0):
-    """Random per-request K/V stored at shuffled blocks (some near the pool's top)."""
+                num_blocks: int = 4096, d: int = 32, seed: int = 0, consecutive: bool = False):
+    """Random per-request K/V stored at shuffled blocks (some near the pool's top), or at
+    consecutive ids (read as a view, without a gather)."""
     g = torch.Generator().manual_seed(seed)
     cache = torch.zeros(2, num_blocks, block_size, hkv, d)
     # Top-of-pool ids first, then a shuffle of the rest: exercises large block ids.
     pool = list(range(num_blocks - 1, num_blocks - 6, -1))
     pool += torch.randperm(num_blocks - 5, generator=g).tolist()
+    if consecutive:
+        pool = list(range(7, num_blocks))
     nblk = [math.ceil(s / block_size) for s in seq_lens]
     tables = torch.zeros(len(seq_lens), max(nblk) + 2, dtype=torch.int32)  # extra padding cols
     ks, vs, it = [], [], 0
@@ -82,6 +85,21 @@ def test_paged_attention_matches_naive(case: int, window: int | None, hq: int, h
             want = _naive_attention(q[qsl[r]:qsl[r + 1]], ks[r], vs[r], scale, window)
             torch.testing.assert_close(out[qsl[r]:qsl[r + 1]].double(), want,
                                        atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 8])
+def test_prefill_on_consecutive_blocks_matches_naive(window: int | None) -> None:
+    # Consecutive block ids are read as a view of the cache; the last request's partial
+    # block and the window's first block must still be cut exactly.
+    query_lens, seq_lens = [5, 16, 3, 40], [5, 48, 64, 100]
+    q, cache, qsl, tables, ks, vs = _paged_case(query_lens, seq_lens, 8, 2, 16,
+                                                consecutive=True)
+    assert (tables[1, 1:3] - tables[1, 0:2] == 1).all()
+    out = R.paged_attention(q, cache, qsl, seq_lens, tables, 0.2, sliding_window=window,
+                            workspace=R.Workspace())
+    for r in range(len(seq_lens)):
+        want = _naive_attention(q[qsl[r]:qsl[r + 1]], ks[r], vs[r], 0.2, window)
+        torch.testing.assert_close(out[qsl[r]:qsl[r + 1]].double(), want, atol=1e-5, rtol=1e-5)
 
 
 def test_paged_attention_accepts_tensors_and_reuses_workspace() -> None:

@@ -19,6 +19,8 @@ class CpuAttentionBackend(AttentionBackend):
                 "the 'cpu' attention backend needs its C++ extension, which failed to build: "
                 f"{cpu_native.build_error()}; use attention_backend='torch'"
             )
+        # Layers run one after another, so they can share the prefill context buffer.
+        self._workspace = reference.Workspace()
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: AttentionMetadata, scale: float,
@@ -38,6 +40,6 @@ class CpuAttentionBackend(AttentionBackend):
             reference.paged_attention(
                 query[qsl[nd]:n], kv_cache, [x - qsl[nd] for x in qsl[nd:]],
                 md.seq_lens_cpu[nd:], md.block_tables[nd:], scale,
-                sliding_window=sliding_window, out=out[qsl[nd]:n],
+                sliding_window=sliding_window, out=out[qsl[nd]:n], workspace=self._workspace,
             )
         return out
