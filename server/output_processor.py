@@ -5,11 +5,18 @@ Runs beside the tokenizer (front end or offline LLM), never inside the engine lo
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from server.detokenizer import DetokenizerWithStops
-from server.engine.outputs import EngineCoreOutput, Logprobs
-from server.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
+from server.engine.outputs import EngineCoreOutput, Logprobs, RequestTimes
+from server.outputs import (
+    CompletionOutput,
+    Logprob,
+    PositionLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from server.sampling_params import SamplingParams
 
 
@@ -57,10 +64,36 @@ class _ParentState:
     # Streaming consumers get deltas every step instead of one final output.
     stream: bool = False
     sent_prompt_logprobs: bool = False
+    # Engine timestamps over the n sequences: the earliest start, the latest finish.
+    first_times: RequestTimes | None = None
+    finished_time: float | None = None
 
     @property
     def finished(self) -> bool:
         return all(s.finish_reason is not None for s in self.seqs.values())
+
+    def note_times(self, t: RequestTimes) -> None:
+        f = self.first_times
+        if f is None:
+            self.first_times = t
+        else:
+            first_token = min((v for v in (f.first_token, t.first_token) if v is not None),
+                              default=None)
+            self.first_times = RequestTimes(min(f.arrival, t.arrival),
+                                            min(f.first_scheduled, t.first_scheduled),
+                                            first_token)
+        if t.finished is not None:
+            self.note_finished(t.finished)
+
+    def note_finished(self, t: float) -> None:
+        self.finished_time = t if self.finished_time is None else max(self.finished_time, t)
+
+    def metrics(self) -> RequestMetrics | None:
+        """None unless the engine reported when the request was scheduled."""
+        f = self.first_times
+        if f is None or self.finished_time is None:
+            return None
+        return RequestMetrics(f.arrival, f.first_scheduled, f.first_token, self.finished_time)
 
 
 @dataclass
@@ -141,6 +174,8 @@ class OutputProcessor:
             if seq.finish_reason is not None:
                 continue
             touched[parent_id] = parent
+            if o.times is not None:
+                parent.note_times(o.times)
             parent.num_cached_tokens = max(parent.num_cached_tokens, o.num_cached_tokens)
             if o.prompt_logprobs is not None and parent.prompt_logprobs is not None \
                     and seq.index == 0:
@@ -159,6 +194,8 @@ class OutputProcessor:
             if stop is not None:
                 seq.finish_reason, seq.stop_reason = "stop", stop
                 stopped.append(o.req_id)
+                # The engine does not know yet that this sequence is done.
+                parent.note_finished(time.monotonic())
             elif o.finish_reason is not None:
                 seq.text += seq.detok.flush()
                 seq.finish_reason, seq.stop_reason = o.finish_reason, o.stop_reason
@@ -188,6 +225,7 @@ class OutputProcessor:
             request_id=parent.request_id, prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids, prompt_logprobs=prompt_lp,
             outputs=outs, finished=parent.finished, num_cached_tokens=parent.num_cached_tokens,
+            metrics=parent.metrics() if parent.finished else None,
         )
 
     def _make_output(self, parent: _ParentState) -> RequestOutput:
@@ -203,4 +241,5 @@ class OutputProcessor:
             request_id=parent.request_id, prompt=parent.prompt,
             prompt_token_ids=parent.prompt_token_ids, prompt_logprobs=parent.prompt_logprobs,
             outputs=outs, finished=True, num_cached_tokens=parent.num_cached_tokens,
+            metrics=parent.metrics(),
         )

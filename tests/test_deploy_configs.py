@@ -2,8 +2,8 @@
 
 Probe paths are requested from an app built over the fake engine, container args are parsed
 by the real CLI parser, and every metric that an alert, the KEDA trigger or the dashboard
-queries must appear in a real /metrics scrape. Kubernetes schema validation runs only when
-`kubernetes-validate` is installed.
+queries must appear in a real /metrics scrape. Kubernetes schema validation is in
+tests/test_deploy_schema.py.
 """
 
 from __future__ import annotations
@@ -17,13 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 from fastapi.testclient import TestClient
 
 from server.cli import build_parser
 from server.frontend.app import build_app
+from server.frontend.gpu_stats import GPUStats
+from server.frontend.metrics import Metrics
 from tests.fake_engine import FakeEngineClient
+from tests.test_metrics_series import FakeNVML
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
@@ -83,9 +85,12 @@ def parse_serve(args: list[str]) -> Any:
 
 
 def scraped_metric_names() -> set[str]:
-    """Series names of a real /metrics scrape, after one completed request."""
+    """Series names of a real /metrics scrape, after one completed request, with every
+    optional series on (--cost-per-hour, a GPU)."""
     engine = FakeEngineClient()
-    client = TestClient(build_app(engine, engine.tokenizer, "conveyor-model", None))
+    nvml = FakeNVML([(40, 1 << 30, 80 << 30)])
+    metrics = Metrics("conveyor-model", cost_per_hour=2.0, gpu_stats=GPUStats(lambda: nvml))
+    client = TestClient(build_app(engine, engine.tokenizer, "conveyor-model", None, metrics))
     r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
     assert r.status_code == 200, r.text
     text = client.get("/metrics").text
@@ -258,8 +263,29 @@ def test_every_queried_metric_is_exported():
     exported = scraped_metric_names()
     queried = {m for q in [*alert_exprs().values(), *keda_queries(), *dashboard_exprs()]
                for m in METRIC.findall(q)}
-    assert len(queried) == 13
+    assert len(queried) == 22
     assert queried - exported == set()
+
+
+def test_dashboard_panels_use_the_timing_gpu_and_cost_series():
+    dash = json.loads((CONFIGS / "grafana" / "conveyor-dashboard.json").read_text())
+    by_title = {p["title"]: {m for t in p["targets"] for m in METRIC.findall(t["expr"])}
+                for p in dash["panels"]}
+    assert by_title["Request time split (p95)"] == {
+        f"conveyor:request_{h}_time_seconds_bucket" for h in ("queue", "prefill", "decode")}
+    assert by_title["GPU utilization and memory"] == {
+        "conveyor:gpu_utilization_perc", "conveyor:gpu_memory_used_bytes",
+        "conveyor:gpu_memory_total_bytes"}
+    assert by_title["Cost per unit (USD)"] == {
+        "conveyor:cost_usd_total", "conveyor:generation_tokens_total",
+        "conveyor:cost_per_1k_output_tokens_usd", "conveyor:cost_per_10k_requests_usd"}
+    assert by_title["Cost rate (USD/hour)"] == {"conveyor:cost_usd_total"}
+    ids = [p["id"] for p in dash["panels"]]
+    assert ids == list(range(1, len(ids) + 1))
+    # No two panels overlap on the 24-column grid.
+    cells = Counter((p["gridPos"]["x"] + dx, p["gridPos"]["y"] + dy) for p in dash["panels"]
+                    for dx in range(p["gridPos"]["w"]) for dy in range(p["gridPos"]["h"]))
+    assert max(cells.values()) == 1 and max(x for x, _ in cells) < 24
 
 
 # ---- Dockerfile ----------------------------------------------------------------------------
@@ -329,15 +355,3 @@ def test_dockerignore_keeps_local_state_out_of_the_build_context():
     lines = set((ROOT / ".dockerignore").read_text().splitlines())
     assert {".git", ".venv", "**/__pycache__", "bench/results", ".pytest_cache",
             ".ruff_cache", "*.egg-info", "build"} <= lines
-
-
-# ---- schema --------------------------------------------------------------------------------
-
-def test_core_manifests_match_the_kubernetes_schema():
-    kv = pytest.importorskip("kubernetes_validate",
-                             reason="kubernetes-validate is not installed")
-    core = [(p, d) for p, d in manifests()
-            if d["kind"] in ("Deployment", "Service", "PersistentVolumeClaim")]
-    assert len(core) == 3
-    for _, doc in core:
-        kv.validate(doc, "1.30.0", strict=True)

@@ -107,8 +107,9 @@ def test_counters_after_known_requests_equal_usage():
     assert get(m, p + "prefix_cache_hits_total") == 16
     assert get(m, p + "engine_busy_seconds_total") == 1.5
     assert get(m, p + "num_preemptions_total") == 3
-    # No request-queue/prefill/decode series: the engine does not report those timestamps.
-    assert not any("queue_time" in name or "prefill_time" in name for name, _ in m)
+    # The scripted engine reports no engine timestamps: nothing to split e2e into.
+    for h in ("queue", "prefill", "decode"):
+        assert get(m, p + f"request_{h}_time_seconds_count") == 0
     assert not any(name.startswith("vllm:") for name, _ in m)
 
 
@@ -250,3 +251,15 @@ def test_real_server_metrics(tiny_model_factory):
         assert val(p + "prefix_cache_queries_total") > 0
         assert val(p + "num_preemptions_total") == 0
         assert val(p + "engine_busy_seconds_total") > 0  # the engine ran steps
+        # The engine's timestamps split each finished request's e2e latency.
+        parts = 0.0
+        for h in ("queue", "prefill", "decode"):
+            assert val(p + f"request_{h}_time_seconds_count") == 2, h
+            assert val(p + f"request_{h}_time_seconds_sum") >= 0, h
+            parts += val(p + f"request_{h}_time_seconds_sum")
+        e2e = val(p + "e2e_request_latency_seconds_sum")
+        assert 0 < parts <= e2e
+        # The rest is the front end's share (tokenizing, IPC, detokenizing): small here.
+        assert e2e - parts < 1.0
+        assert val(p + "request_prefill_time_seconds_sum") > 0  # a forward pass each
+        assert val(p + "request_decode_time_seconds_sum") > 0  # 5 and 3 more tokens

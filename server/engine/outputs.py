@@ -68,6 +68,21 @@ class RunnerOutput:
     prompt_logprobs: dict[str, Logprobs] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class RequestTimes:
+    """One sequence's engine timestamps (time.monotonic(): one clock for every process on
+    the host, so the front end's arrival time and these compare directly).
+
+    `first_scheduled` is the FIRST admission: a sequence preempted and admitted again
+    still counts its queue time only up to its first scheduling.
+    """
+
+    arrival: float
+    first_scheduled: float
+    first_token: float | None = None
+    finished: float | None = None
+
+
 @dataclass
 class EngineCoreOutput:
     """One request's progress after a step: new tokens and, when done, why."""
@@ -79,3 +94,5 @@ class EngineCoreOutput:
     new_logprobs: Logprobs | None = None
     prompt_logprobs: Logprobs | None = None
     num_cached_tokens: int = 0
+    # Set by the engine core on the output with the first token and on the final one.
+    times: RequestTimes | None = None

@@ -11,9 +11,14 @@ One `Metrics` per app, owning its own CollectorRegistry (no module-level state).
 - `http_requests_total{route,status}`, counted by `HTTPMetricsMiddleware` with the route
   template (never the raw path). /metrics itself is not counted (like vLLM).
 
-Not exported: request_queue_time / prefill_time / decode_time. The engine does not send its
-scheduling timestamps to the front end, and the front end cannot split TTFT into queue and
-prefill time honestly.
+request_queue_time / prefill_time / decode_time come from the engine's own timestamps
+(arrival, first scheduling, first token, finish; see RequestMetrics), one observation per
+finished engine request. Queue time ends at the FIRST scheduling: a request preempted and
+admitted again is not queued twice; its wait after preemption falls in prefill or decode.
+They add up to at most e2e, which the front end measures from an earlier arrival.
+
+Read at scrape time besides: GPU utilization and memory from NVML (gpu_stats.py; absent
+without a GPU) and, with `cost_per_hour`, the running cost (cost.py; absent without it).
 
 With `vllm_names=True` every series is exported a second time under `vllm:` (same values).
 
@@ -27,7 +32,7 @@ inter-token latency are also observed for requests aborted later.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -36,7 +41,9 @@ from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.outputs import RequestOutput
+from server.frontend.cost import CostCollector, Usage
+from server.frontend.gpu_stats import GPUCollector, GPUStats
+from server.outputs import RequestMetrics, RequestOutput
 
 PREFIX = "conveyor:"
 VLLM_PREFIX = "vllm:"
@@ -49,6 +56,8 @@ ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.
                7.5, 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
                60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+# vLLM uses its e2e buckets for the queue / prefill / decode split as well.
+REQUEST_TIME_BUCKETS = E2E_BUCKETS
 
 
 def buckets_1_2_5(maximum: int) -> list[float]:
@@ -74,6 +83,9 @@ class _Series:
     ttft: Histogram
     itl: Histogram
     e2e: Histogram
+    queue: Histogram
+    prefill: Histogram
+    decode: Histogram
     prompt_hist: Histogram
     gen_hist: Histogram
     http: Counter
@@ -105,6 +117,13 @@ def _make_series(registry: CollectorRegistry, p: str, model: str,
                  "Time between successive engine outputs of a request.", ITL_BUCKETS),
         e2e=hist("e2e_request_latency_seconds",
                  "Time from request arrival to its last token.", E2E_BUCKETS),
+        queue=hist("request_queue_time_seconds",
+                   "Time from arrival in the engine to first scheduling.",
+                   REQUEST_TIME_BUCKETS),
+        prefill=hist("request_prefill_time_seconds",
+                     "Time from first scheduling to the first token.", REQUEST_TIME_BUCKETS),
+        decode=hist("request_decode_time_seconds",
+                    "Time from the first token to the last.", REQUEST_TIME_BUCKETS),
         prompt_hist=hist("request_prompt_tokens", "Prompt tokens per finished request.",
                          tok_buckets),
         gen_hist=hist("request_generation_tokens",
@@ -165,6 +184,7 @@ class RequestTracker:
         self.reasons: dict[int, str] = {}
         self.finished = False
         self.closed = False
+        self.times: RequestMetrics | None = None
 
     def on_output(self, out: RequestOutput) -> None:
         t = time.monotonic()
@@ -183,6 +203,7 @@ class RequestTracker:
             self.generated += new
         if out.finished:
             self.finished = True
+            self.times = out.metrics
 
     def close(self, aborted: bool) -> None:
         """`aborted`: the request was cancelled or its stream closed early (client gone)."""
@@ -193,6 +214,10 @@ class RequestTracker:
         reasons = list(self.reasons.values())
         if not self.finished and aborted:
             reasons += ["abort"] * (self.n - len(reasons))
+        usage = self.metrics.usage
+        usage.output_tokens += self.generated
+        usage.finished_requests += int(self.finished)
+        times = self.times
         for s in self.metrics.series:
             s.prompt_tokens.inc(self.prompt_len)
             s.generation_tokens.inc(self.generated)
@@ -202,13 +227,23 @@ class RequestTracker:
                 s.e2e.observe(t - self.arrival)
                 s.prompt_hist.observe(self.prompt_len)
                 s.gen_hist.observe(self.generated)
+            if self.finished and times is not None:
+                s.queue.observe(times.queue_time)
+                if times.prefill_time is not None and times.decode_time is not None:
+                    s.prefill.observe(times.prefill_time)
+                    s.decode.observe(times.decode_time)
 
 
 class Metrics:
     """All of the server's Prometheus series, in a registry of their own."""
 
     def __init__(self, model_name: str, vllm_names: bool = False,
-                 max_tokens_bucket: int = 1_000_000) -> None:
+                 max_tokens_bucket: int = 1_000_000, *, cost_per_hour: float | None = None,
+                 clock: Callable[[], float] = time.monotonic,
+                 gpu_stats: GPUStats | None = None) -> None:
+        """`cost_per_hour` (USD) adds the cost series, timed by `clock` from now on;
+        `gpu_stats` (default: the real NVML, loaded at the first scrape) feeds the GPU
+        series."""
         self.model_name = model_name
         self.registry = CollectorRegistry(auto_describe=True)
         self.prefixes = [PREFIX] + ([VLLM_PREFIX] if vllm_names else [])
@@ -216,6 +251,12 @@ class Metrics:
                        for p in self.prefixes]
         self._engine = _EngineCollector(self.prefixes, model_name)
         self.registry.register(self._engine)
+        self.registry.register(GPUCollector(self.prefixes, model_name,
+                                            gpu_stats if gpu_stats is not None else GPUStats()))
+        self.usage = Usage()
+        if cost_per_hour is not None:
+            self.registry.register(CostCollector(self.prefixes, model_name, cost_per_hour,
+                                                 self.usage, clock))
 
     def track(self, prompt_len: int, n: int, arrival: float) -> RequestTracker:
         return RequestTracker(self, prompt_len, n, arrival)
