@@ -36,11 +36,18 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
+    # Most prompt tokens one request computes in a step while others run or wait (0 = no cap).
+    long_prefill_token_threshold: int = 0
+    # A waiting request moves up one priority class per this many engine steps (0 = never).
+    priority_aging_steps: int = 100
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("long_prefill_token_threshold", "priority_aging_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -83,20 +90,61 @@ def resolve_max_model_len(requested: int | None, model_max: int | None) -> int:
     return requested
 
 
+CPU_DEFAULT_KV_BYTES = 4 << 30
+
+
 def resolve_num_kv_blocks(cache: CacheConfig, bytes_per_block: int, device_type: str,
                           free_device_bytes: int | None = None) -> int:
-    """Number of KV blocks from the explicit count, a byte budget, or GPU free memory."""
+    """Number of KV blocks from the explicit count, a byte budget, or free memory: on CUDA
+    gpu_memory_utilization of the GPU's, on CPU 4 GiB or half the host's, if less."""
     if cache.num_kv_blocks is not None:
         return cache.num_kv_blocks
     if device_type == "cuda" and cache.kv_cache_memory is None:
         if free_device_bytes is None:
             raise ValueError("free_device_bytes is required to size the KV cache on CUDA")
         budget = int(free_device_bytes * cache.gpu_memory_utilization)
+    elif cache.kv_cache_memory is not None:
+        budget = cache.kv_cache_memory
     else:
-        budget = cache.kv_cache_memory if cache.kv_cache_memory is not None else 4 << 30
+        # The default must start on a small machine too; an explicit size is checked as is.
+        budget = CPU_DEFAULT_KV_BYTES
+        if free_device_bytes is not None:
+            budget = min(budget, free_device_bytes // 2)
     blocks = budget // bytes_per_block
     if blocks < 1:
         raise ValueError(
             f"KV cache budget of {budget} bytes holds no block of {bytes_per_block} bytes"
+            f"{_available_note(free_device_bytes, device_type)}"
         )
     return blocks
+
+
+def _available_note(available_bytes: int | None, device_type: str) -> str:
+    if available_bytes is None:
+        return ""
+    return f" ({available_bytes} bytes ({available_bytes / 2**30:.2f} GiB) available on " \
+           f"{device_type})"
+
+
+def check_kv_cache_fits(num_blocks: int, bytes_per_block: int, block_size: int,
+                        max_model_len: int, device_type: str,
+                        available_bytes: int | None) -> None:
+    """Refuses, before anything is allocated, a KV cache larger than the memory left where
+    it lives or too small for one sequence at max_model_len; the message says how many
+    bytes were asked for and how many are available."""
+    asked = num_blocks * bytes_per_block
+    available = _available_note(available_bytes, device_type)
+    if available_bytes is not None and asked > available_bytes:
+        raise ValueError(
+            f"the KV cache asks for {asked} bytes ({asked / 2**30:.2f} GiB: {num_blocks} "
+            f"blocks x {bytes_per_block} bytes) but only {available_bytes} bytes "
+            f"({available_bytes / 2**30:.2f} GiB) are available on {device_type}: lower "
+            "num_kv_blocks / kv_cache_memory / gpu_memory_utilization")
+    if num_blocks * block_size < max_model_len:
+        need = -(-max_model_len // block_size)
+        raise ValueError(
+            f"the KV cache holds {num_blocks} blocks x {block_size} tokens = "
+            f"{num_blocks * block_size} tokens ({asked} bytes), fewer than "
+            f"max_model_len={max_model_len}, which needs {need} blocks = "
+            f"{need * bytes_per_block} bytes{available}: give it more memory "
+            "(kv_cache_memory / num_kv_blocks) or lower max_model_len")

@@ -6,6 +6,7 @@ the HTTP server); this is the one place that turns "auto" settings into numbers.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from typing import Any
 
 from server.config import (
     EngineConfig,
-    SchedulerConfig,
+    check_kv_cache_fits,
     resolve_max_model_len,
     resolve_num_kv_blocks,
 )
@@ -46,6 +47,23 @@ def resolve_eos_token_ids(model_path: Path, tokenizer: Any) -> frozenset[int]:
     if not eos and getattr(tokenizer, "eos_token_id", None) is not None:
         eos = frozenset([tokenizer.eos_token_id])
     return eos
+
+
+def available_memory(device: Any) -> int | None:
+    """Bytes free for the KV cache: the GPU's free memory, or the host's MemAvailable
+    (None where /proc/meminfo cannot be read)."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _resident_weight_bytes(model: Any) -> int:
@@ -80,21 +98,12 @@ def build_engine_core(config: EngineConfig, eos_token_ids: frozenset[int]
     quantization = describe_quant(model.quant)
     weight_bytes = _resident_weight_bytes(model)
     max_model_len = resolve_max_model_len(mc.max_model_len, arch.max_position_embeddings)
-    sched_cfg = SchedulerConfig(
-        max_num_seqs=config.scheduler.max_num_seqs,
-        max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-        max_model_len=max_model_len,
-    )
+    sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
     bs = config.cache.block_size
     per_block = kv_cache_bytes_per_block(arch, bs, dtype)
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    free = available_memory(device)
     num_blocks = resolve_num_kv_blocks(config.cache, per_block, device.type, free)
-    if num_blocks * bs < max_model_len:
-        raise ValueError(
-            f"the KV cache holds {num_blocks} blocks x {bs} tokens = {num_blocks * bs} "
-            f"tokens, fewer than max_model_len={max_model_len}: give it more memory "
-            f"(kv_cache_memory / num_kv_blocks) or lower max_model_len"
-        )
+    check_kv_cache_fits(num_blocks, per_block, bs, max_model_len, device.type, free)
     kv_caches = allocate_kv_cache(arch, num_blocks, bs, dtype, device)
     logger.info("model %s: %s weights, quantization %s, resident weight memory %.1f MiB, "
                 "attention backend %s; KV cache %d blocks of %d tokens (%.1f MiB)", mc.model,

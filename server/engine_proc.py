@@ -34,6 +34,9 @@ class AddRequest:
     max_tokens: int
     share_key: str | None
     arrival_time: float
+    priority: int = 0
+    tenant: str | None = None
+    tenant_weight: float = 1.0
 
 
 def engine_main(config: EngineConfig, eos_token_ids: frozenset[int], inbox: Connection,
@@ -78,7 +81,8 @@ def run_loop(core, eos_token_ids: frozenset[int], inbox: Connection,
                 core.add_request(Request(
                     msg.request_id, msg.prompt_token_ids, msg.params, eos_token_ids,
                     arrival_time=msg.arrival_time, max_tokens=msg.max_tokens,
-                    share_key=msg.share_key))
+                    share_key=msg.share_key, priority=msg.priority, tenant=msg.tenant,
+                    tenant_weight=msg.tenant_weight))
             elif msg[0] == "abort":
                 core.abort_requests(msg[1])
             elif msg[0] == "stop":

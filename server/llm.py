@@ -22,10 +22,15 @@ class LLM:
         max_model_len: context length (default: the model's max_position_embeddings).
         block_size: tokens per KV cache block.
         num_kv_blocks / kv_cache_memory / gpu_memory_utilization: KV cache size, in that
-            order of precedence (kv_cache_memory in bytes; default 4 GiB on CPU).
+            order of precedence (kv_cache_memory in bytes; default on CPU 4 GiB, or half
+            the free memory if that is less).
         enable_prefix_caching: reuse KV blocks of shared prompt prefixes.
         max_num_seqs: most sequences running at once.
         max_num_batched_tokens: token budget per engine step (longer prompts are chunked).
+        long_prefill_token_threshold: most prompt tokens one request computes in a step
+            while others run or wait (0 = no cap).
+        priority_aging_steps: a waiting request moves up one priority class per this many
+            engine steps (0 = never).
         device: "cpu" or "cuda".
         attention_backend: "auto" (Triton on CUDA, "cpu" on CPU when it builds), "torch"
             (reference), "cpu" (native C++ decode kernel) or "triton".
@@ -48,6 +53,8 @@ class LLM:
         enable_prefix_caching: bool = True,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
+        long_prefill_token_threshold: int = 0,
+        priority_aging_steps: int = SchedulerConfig.priority_aging_steps,
         device: str = "cpu",
         attention_backend: str = "auto",
         quantization: str | None = None,
@@ -63,7 +70,9 @@ class LLM:
                               gpu_memory_utilization=gpu_memory_utilization,
                               enable_prefix_caching=enable_prefix_caching),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                      max_num_batched_tokens=max_num_batched_tokens),
+                                      max_num_batched_tokens=max_num_batched_tokens,
+                                      long_prefill_token_threshold=long_prefill_token_threshold,
+                                      priority_aging_steps=priority_aging_steps),
             device=device,
         )
         self.engine = LLMEngine(config)
@@ -76,11 +85,13 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: int | Sequence[int] = 0,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in the order of `prompts`.
 
         A prompt is a string, a list of token ids, or a dict with "prompt" or
-        "prompt_token_ids". One SamplingParams applies to all, or pass one per prompt.
+        "prompt_token_ids". One SamplingParams applies to all, or pass one per prompt;
+        likewise `priority` (lower is scheduled first).
         """
         if isinstance(prompts, (str, dict)) or (
             isinstance(prompts, Sequence) and prompts and isinstance(prompts[0], int)
@@ -95,16 +106,19 @@ class LLM:
             params = list(sampling_params)
             if len(params) != len(prompts):
                 raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        priorities = [priority] * len(prompts) if isinstance(priority, int) else list(priority)
+        if len(priorities) != len(prompts):
+            raise ValueError(f"got {len(priorities)} priorities for {len(prompts)} prompts")
 
         # Validate everything before enqueueing anything, so a bad prompt adds nothing.
         tokenized = []
-        for p, sp in zip(prompts, params):
+        for p, sp, prio in zip(prompts, params, priorities):
             text, ids = self.engine.tokenize_prompt(p)
-            self.engine.validate(ids, sp)
+            self.engine.validate(ids, sp, prio)
             tokenized.append({"prompt": text, "prompt_token_ids": ids})
         order = {}
-        for p, sp in zip(tokenized, params):
-            order[self.engine.add_request(None, p, sp)] = len(order)
+        for p, sp, prio in zip(tokenized, params, priorities):
+            order[self.engine.add_request(None, p, sp, priority=prio)] = len(order)
         return self._run(order, use_tqdm)
 
     def _run(self, order: dict[str, int], use_tqdm: bool) -> list[RequestOutput]:

@@ -14,7 +14,7 @@ from typing import Any
 from server.config import EngineConfig
 from server.output_processor import OutputProcessor
 from server.outputs import RequestOutput
-from server.request import Request, resolve_max_tokens, validate_prompt
+from server.request import Request, resolve_max_tokens, validate_prompt, validate_scheduling
 from server.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -54,21 +54,25 @@ class LLMEngine:
         raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
 
     def add_request(self, request_id: str | None, prompt: PromptType,
-                    params: SamplingParams) -> str:
+                    params: SamplingParams, *, priority: int = 0, tenant: str | None = None,
+                    tenant_weight: float = 1.0) -> str:
         """Validate and enqueue; n > 1 fans out into n sequences sharing the prompt blocks."""
         request_id = request_id if request_id is not None else str(next(self._ids))
         text, ids = self.tokenize_prompt(prompt)
-        self.validate(ids, params)
+        self.validate(ids, params, priority, tenant_weight)
         max_tokens = resolve_max_tokens(len(ids), params, self.max_model_len)
         child_ids = self.output_processor.add_request(request_id, text, ids, params)
         for child_id in child_ids:
             self.core.add_request(Request(
                 child_id, ids, params, self.eos_token_ids, max_tokens=max_tokens,
-                share_key=request_id if params.n > 1 else None))
+                share_key=request_id if params.n > 1 else None, priority=priority,
+                tenant=tenant, tenant_weight=tenant_weight))
         return request_id
 
-    def validate(self, ids: list[int], params: SamplingParams) -> None:
+    def validate(self, ids: list[int], params: SamplingParams, priority: int = 0,
+                 tenant_weight: float = 1.0) -> None:
         validate_prompt(ids, params, self.info.vocab_size, self.max_model_len)
+        validate_scheduling(priority, tenant_weight)
 
     def abort_request(self, request_ids: list[str]) -> None:
         self.core.abort_requests(self.output_processor.abort(request_ids))

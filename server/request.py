@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import time
 
 from server.sampling_params import SamplingParams
@@ -46,6 +47,10 @@ class Request:
         arrival_time: float | None = None,
         max_tokens: int | None = None,
         share_key: str | None = None,
+        *,
+        priority: int = 0,
+        tenant: str | None = None,
+        tenant_weight: float = 1.0,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -56,6 +61,14 @@ class Request:
         # Siblings of one n > 1 request share this key and hence their prompt blocks, even
         # with prefix caching off.
         self.share_key = share_key
+        # Scheduling: lower priority first (as in vLLM); tenants share the engine by weight
+        # (None is the default tenant).
+        self.priority = priority
+        self.tenant = tenant
+        self.tenant_weight = tenant_weight
+        # The class the scheduler admitted it at: priority, improved by aging while it
+        # waited. Only a request of a better class may preempt it.
+        self.effective_priority = priority
         self.output_token_ids: list[int] = []
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
@@ -109,6 +122,15 @@ def validate_prompt(ids: list[int], params: SamplingParams, vocab_size: int,
             f"it leaves no room for output"
         )
     params.validate_for_vocab(vocab_size)
+
+
+def validate_scheduling(priority: int, tenant_weight: float) -> None:
+    """The scheduling hints every engine front checks before a request is queued."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority must be an integer, got {priority!r}")
+    if not (isinstance(tenant_weight, (int, float)) and math.isfinite(tenant_weight)
+            and tenant_weight > 0):
+        raise ValueError(f"tenant_weight must be a positive number, got {tenant_weight!r}")
 
 
 def resolve_max_tokens(num_prompt_tokens: int, params: SamplingParams,

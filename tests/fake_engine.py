@@ -86,6 +86,9 @@ class Submitted:
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
+    priority: int = 0
+    tenant: str | None = None
+    tenant_weight: float = 1.0
 
 
 @dataclass
@@ -127,12 +130,14 @@ class FakeEngineClient(EngineClient):
         return pos
 
     async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, *, priority: int = 0, tenant: str | None = None,
+                       tenant_weight: float = 1.0) -> AsyncIterator[RequestOutput]:
         if self.dead:
             raise EngineDeadError("dead")
         if self.refuse is not None:
             raise ValueError(self.refuse)
-        self.requests.append(Submitted(request_id, prompt, prompt_token_ids, params))
+        self.requests.append(Submitted(request_id, prompt, prompt_token_ids, params,
+                                       priority, tenant, tenant_weight))
         full = [tok_ids(self.reply(prompt_token_ids, j)) for j in range(params.n)]
         replies = [r[: params.max_tokens] for r in full]
         limits = [len(r) for r in replies]

@@ -22,7 +22,7 @@ from server.engine_proc import AddRequest, engine_main
 from server.frontend.engine_client import EngineClient, EngineDeadError, ModelInfo
 from server.output_processor import OutputProcessor
 from server.outputs import RequestOutput
-from server.request import resolve_max_tokens, validate_prompt
+from server.request import resolve_max_tokens, validate_prompt, validate_scheduling
 from server.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,8 @@ class AsyncEngine(EngineClient):
             try:
                 msg = self._from_engine.recv()
             except (EOFError, OSError):
+                # EOF can arrive before the process is reaped; wait a moment for its code.
+                self.process.join(1.0)
                 code = self.process.exitcode
                 self._loop.call_soon_threadsafe(
                     self._mark_dead, f"engine process exited (exit code {code})")
@@ -152,7 +154,8 @@ class AsyncEngine(EngineClient):
     # ---- requests -----------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                       params: SamplingParams) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams, *, priority: int = 0, tenant: str | None = None,
+                       tenant_weight: float = 1.0) -> AsyncIterator[RequestOutput]:
         if self.dead_reason is not None:
             raise EngineDeadError(self.dead_reason)
         if not self.is_ready():
@@ -161,6 +164,7 @@ class AsyncEngine(EngineClient):
             raise ValueError(f"request id {request_id!r} is already in use")
         validate_prompt(prompt_token_ids, params, self.info.vocab_size,
                         self.info.max_model_len)
+        validate_scheduling(priority, tenant_weight)
         max_tokens = resolve_max_tokens(len(prompt_token_ids), params, self.info.max_model_len)
         queue: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = queue
@@ -171,7 +175,8 @@ class AsyncEngine(EngineClient):
             now = time.monotonic()
             for cid in child_ids:
                 self._send(AddRequest(cid, prompt_token_ids, params, max_tokens,
-                                      request_id if params.n > 1 else None, now))
+                                      request_id if params.n > 1 else None, now,
+                                      priority, tenant, tenant_weight))
             while True:
                 item = await queue.get()
                 if isinstance(item, Exception):

@@ -46,8 +46,14 @@ class EngineClient(ABC):
 
     @abstractmethod
     def generate(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
-                 params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Raises ValueError (duplicate id, invalid params) or EngineDeadError."""
+                 params: SamplingParams, *, priority: int = 0, tenant: str | None = None,
+                 tenant_weight: float = 1.0) -> AsyncIterator[RequestOutput]:
+        """Raises ValueError (duplicate id, invalid params) or EngineDeadError.
+
+        The engine admits lower `priority` first (aging lifts long waiters) and shares its
+        slots and prompt tokens between tenants by `tenant_weight` (None: the default
+        tenant).
+        """
 
     @abstractmethod
     async def abort(self, request_id: str) -> None:

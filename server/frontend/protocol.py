@@ -51,6 +51,8 @@ class SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     response_format: ResponseFormat | None = None
+    # vLLM extension: scheduling priority, lower first (default 0).
+    priority: int | None = None
 
 
 class CompletionRequest(SamplingRequest):
