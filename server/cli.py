@@ -42,7 +42,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tokens per KV cache block")
     g.add_argument("--num-kv-blocks", type=int, help="exact KV cache size in blocks")
     g.add_argument("--kv-cache-memory", type=int,
-                   help="KV cache size in bytes (CPU; default 4 GiB)")
+                   help="KV cache size in bytes (CPU; default 4 GiB, or half the free host "
+                        "memory if that is less)")
     g.add_argument("--gpu-memory-utilization", type=float,
                    default=CacheConfig.gpu_memory_utilization,
                    help="share of free GPU memory given to the KV cache (CUDA)")
@@ -53,6 +54,16 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int,
                    default=SchedulerConfig.max_num_batched_tokens,
                    help="token budget per engine step; longer prompts are chunked")
+    g.add_argument("--long-prefill-token-threshold", type=int,
+                   default=SchedulerConfig.long_prefill_token_threshold,
+                   help="most prompt tokens one request computes in a step while other "
+                        "requests run or wait, so a long prompt does not hold up decodes "
+                        "and short prompts (0 = no cap)")
+    g.add_argument("--priority-aging-steps", type=int,
+                   default=SchedulerConfig.priority_aging_steps,
+                   help="a waiting request moves up one priority class (request field "
+                        "'priority', lower first) per this many engine steps, so low "
+                        "priorities cannot starve (0 = strict priority)")
     g.add_argument("--seed", type=int, default=0, help="seed for unseeded random sampling")
 
 
@@ -73,7 +84,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         num_kv_blocks=args.num_kv_blocks, kv_cache_memory=args.kv_cache_memory,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        long_prefill_token_threshold=args.long_prefill_token_threshold,
+        priority_aging_steps=args.priority_aging_steps, seed=args.seed,
     )
 
 
@@ -97,6 +110,13 @@ def _serve(args: argparse.Namespace) -> int:
     return run_server(args)
 
 
+def _usd(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"cost per hour must be >= 0, got {text!r}")
+    return value
+
+
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible HTTP API",
                          description="Run the engine in its own process behind an "
@@ -114,6 +134,10 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--vllm-metric-names", action="store_true",
                    help="export every /metrics series under the vllm: prefix too (same "
                         "values), for dashboards built for vLLM")
+    h.add_argument("--cost-per-hour", type=_usd, metavar="USD",
+                   help="what the node costs per hour: /metrics then exports the running "
+                        "cost (hours since start x USD) and the cost per 1k output tokens "
+                        "and per 10k requests")
     h.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM/SIGINT, seconds running requests get to finish before "
                         "they are aborted (readiness turns 503 and new generation requests "
@@ -124,7 +148,39 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--log-prompts", action="store_true",
                    help="include prompts and chat messages in the json request log lines "
                         "(default: never logged)")
+    _add_admission_args(srv)
     srv.set_defaults(func=_serve)
+
+
+def _add_admission_args(srv: argparse.ArgumentParser) -> None:
+    a = srv.add_argument_group("admission and limits", "Refusals are OpenAI-shaped errors: "
+                               "429 rate_limit_error with Retry-After, 400 naming the "
+                               "parameter, 413 for a large body. 0 means unbounded.")
+    a.add_argument("--max-num-queued-requests", type=int, default=1024,
+                   help="most requests (one per prompt) accepted but not yet producing "
+                        "output; more get 429 (running ones are bounded by --max-num-seqs)")
+    a.add_argument("--max-queued-tokens", type=int, default=0,
+                   help="most prompt tokens of those queued requests; more get 429")
+    a.add_argument("--max-request-body-bytes", type=int, default=32 * 1024 * 1024,
+                   help="largest request body; larger ones get 413 before they are parsed")
+    a.add_argument("--max-prompt-tokens", type=int, default=0,
+                   help="longest prompt in tokens (default: the context length)")
+    a.add_argument("--max-n", type=int, default=128, help="largest `n` (choices per prompt)")
+    a.add_argument("--max-tokens-limit", type=int, default=0,
+                   help="largest max_tokens / max_completion_tokens a request may ask for")
+    a.add_argument("--max-stop-strings", type=int, default=16,
+                   help="most stop strings per request")
+    a.add_argument("--max-stop-string-length", type=int, default=256,
+                   help="longest stop string, in characters")
+    a.add_argument("--request-timeout", type=float, default=0,
+                   help="seconds a request may take from arrival to its last byte; then it "
+                        "is aborted (its KV freed) and gets a 504 request_timeout error, or "
+                        "a stream gets that error as its last event before [DONE]")
+    a.add_argument("--api-keys-file", metavar="PATH",
+                   help="YAML file of API keys, each with its tenant, requests_per_minute, "
+                        "tokens_per_minute and weight (see configs/api-keys.example.yaml); "
+                        "its keys authenticate and are rate-limited, --api-key stays an "
+                        "unlimited admin key")
 
 
 def _bench_serve(args: argparse.Namespace) -> int:

@@ -18,6 +18,17 @@ def is_open_path(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
+def unauthorized(missing: bool) -> APIError:
+    """The 401 for a request without a key (`missing`) or with a wrong one."""
+    if missing:
+        error = APIError("You didn't provide an API key. Pass it in the Authorization "
+                         "header as 'Bearer <key>'.", status=401, code="invalid_api_key")
+    else:
+        error = APIError("Incorrect API key provided.", status=401, code="invalid_api_key")
+    error.headers = {"WWW-Authenticate": "Bearer"}
+    return error
+
+
 class APIKeyMiddleware:
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
@@ -29,16 +40,10 @@ class APIKeyMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"authorization")
-        if given is None:
-            error = APIError("You didn't provide an API key. Pass it in the Authorization "
-                             "header as 'Bearer <key>'.", status=401, code="invalid_api_key")
-        elif not self._matches(given):
-            error = APIError("Incorrect API key provided.", status=401, code="invalid_api_key")
-        else:
+        if given is not None and self._matches(given):
             await self.app(scope, receive, send)
             return
-        error.headers = {"WWW-Authenticate": "Bearer"}
-        await error.response()(scope, receive, send)
+        await unauthorized(missing=given is None).response()(scope, receive, send)
 
     def _matches(self, header: bytes) -> bool:
         scheme, _, token = header.partition(b" ")

@@ -25,6 +25,9 @@ from server.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfi
 if TYPE_CHECKING:
     import uvicorn
 
+    from server.frontend.request_limits import RequestLimits
+    from server.frontend.tenants import Tenants
+
 logger = logging.getLogger("conveyor.server")
 
 
@@ -39,7 +42,9 @@ def engine_config_from_args(args: argparse.Namespace, model: str) -> EngineConfi
                           gpu_memory_utilization=args.gpu_memory_utilization,
                           enable_prefix_caching=args.enable_prefix_caching),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs,
-                                  max_num_batched_tokens=args.max_num_batched_tokens),
+                                  max_num_batched_tokens=args.max_num_batched_tokens,
+                                  long_prefill_token_threshold=args.long_prefill_token_threshold,
+                                  priority_aging_steps=args.priority_aging_steps),
         device=args.device,
     )
 
@@ -69,6 +74,16 @@ def run_server(args: argparse.Namespace) -> int:
     if not model_path.is_dir():
         logger.error("model directory %s does not exist", model_path)
         return 2
+    from server.frontend.request_limits import RequestLimits
+    from server.frontend.tenants import Tenants
+
+    try:  # before the model loads: a bad keys file or limit fails fast, naming the entry
+        limits = RequestLimits.from_args(args)
+        keys_file = getattr(args, "api_keys_file", None)
+        tenants = Tenants.from_file(keys_file) if keys_file else None
+    except ValueError as e:
+        logger.error("%s", e)
+        return 2
     config = engine_config_from_args(args, str(model_path))
     from transformers import AutoTokenizer
 
@@ -80,7 +95,8 @@ def run_server(args: argparse.Namespace) -> int:
                                         else model_path.resolve().name)
     api_key = args.api_key or os.environ.get("CONVEYOR_API_KEY") or None
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        return runner.run(_serve(args, config, tokenizer, eos, served, api_key))
+        return runner.run(_serve(args, config, tokenizer, eos, served, api_key,
+                                 limits=limits, tenants=tenants))
 
 
 def _loop_factory():
@@ -93,7 +109,8 @@ def _loop_factory():
 
 
 async def _serve(args: argparse.Namespace, config: EngineConfig, tokenizer,
-                 eos: frozenset[int], served: str, api_key: str | None) -> int:
+                 eos: frozenset[int], served: str, api_key: str | None, *,
+                 limits: RequestLimits | None = None, tenants: Tenants | None = None) -> int:
     import uvicorn
 
     from server.frontend.app import build_app
@@ -102,11 +119,13 @@ async def _serve(args: argparse.Namespace, config: EngineConfig, tokenizer,
     from server.frontend.metrics import Metrics
 
     engine = AsyncEngine(config, tokenizer, eos)
-    metrics = Metrics(served, vllm_names=getattr(args, "vllm_metric_names", False))
+    metrics = Metrics(served, vllm_names=getattr(args, "vllm_metric_names", False),
+                      cost_per_hour=getattr(args, "cost_per_hour", None))
     lifecycle = Lifecycle()
     app = build_app(engine, tokenizer, served, api_key, metrics, lifecycle=lifecycle,
                     log_json=getattr(args, "log_format", "text") == "json",
-                    log_prompts=getattr(args, "log_prompts", False))
+                    log_prompts=getattr(args, "log_prompts", False), limits=limits,
+                    tenants=tenants)
     shutdown_timeout = float(getattr(args, "shutdown_timeout", 30.0))
     loop = asyncio.get_running_loop()
     drain_tasks: list[asyncio.Task] = []

@@ -98,7 +98,7 @@ class ChatServing(Serving):
     async def _prepare(self, req: ChatCompletionRequest) -> _Prepared:
         ctx = self.ctx
         ctx.check_model(req.model)
-        n = check_common(req)
+        n = check_common(req, ctx.limits.max_n)
         if req.top_logprobs is not None:
             if not 0 <= req.top_logprobs <= MAX_LOGPROBS:
                 raise APIError(f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got "

@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 from starlette.requests import Request
@@ -26,13 +26,20 @@ from server.frontend.errors import (
 )
 from server.frontend.metrics import Metrics, RequestTracker
 from server.frontend.protocol import SamplingRequest
+from server.frontend.request_limits import DEFAULT_MAX_N, RequestLimits, prompt_param
 from server.frontend.tokenization import TokenizerService
 from server.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestOutput
 from server.sampling_params import SamplingParams
 
+if TYPE_CHECKING:
+    from server.frontend.admission import Admission, Ticket
+
 T = TypeVar("T")
 
-MAX_N = 128
+MAX_N = DEFAULT_MAX_N
+# Request priorities (lower first) are bounded so aging (one class per N engine steps) lifts
+# even the lowest within a bounded wait.
+MAX_PRIORITY = 1_000_000
 MAX_LOGPROBS = 20
 # JSON has no -inf; OpenAI-compatible servers report impossible tokens as this floor.
 LOGPROB_FLOOR = -9999.0
@@ -58,6 +65,9 @@ class ServingContext:
     metrics: Metrics | None = None
     # How often a non-streaming handler checks whether its client is still there.
     disconnect_poll_s: float = 0.5
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    # None: no queue accounting, rate limits or timeout (tests that build a context by hand).
+    admission: Admission | None = None
 
     def check_model(self, model: str | None) -> None:
         if model is not None and model != self.served_model_name:
@@ -99,6 +109,17 @@ class EngineJob:
     params: SamplingParams
     # time.monotonic() when the HTTP request arrived (Serving.create sets it), for TTFT.
     arrival: float = field(default_factory=time.monotonic)
+    # Admission's watch over the job's outputs (its first output leaves the queue).
+    watch: Any = None
+    # Scheduling: lower priority first; tenant (None = default) and its weight.
+    priority: int = 0
+    tenant: str | None = None
+    tenant_weight: float = 1.0
+
+    def scheduling_kwargs(self) -> dict[str, Any]:
+        """generate()'s scheduling keywords."""
+        return {"priority": self.priority, "tenant": self.tenant,
+                "tenant_weight": self.tenant_weight}
 
 
 def now() -> int:
@@ -115,14 +136,17 @@ def clamp_logprob(value: float) -> float:
     return max(value, LOGPROB_FLOOR)
 
 
-def check_common(req: SamplingRequest) -> int:
+def check_common(req: SamplingRequest, max_n: int = MAX_N) -> int:
     """Checks that SamplingParams cannot make; returns n."""
     if req.response_format is not None and req.response_format.type != "text":
         raise APIError(f"response_format type {req.response_format.type!r} is not supported; "
                        "only 'text' is.", param="response_format")
     n = 1 if req.n is None else req.n
-    if n > MAX_N:
-        raise APIError(f"n must be at most {MAX_N}, got {n}.", param="n")
+    if n > max_n:
+        raise APIError(f"n must be at most {max_n}, got {n}.", param="n")
+    if req.priority is not None and not -MAX_PRIORITY <= req.priority <= MAX_PRIORITY:
+        raise APIError(f"priority must be between {-MAX_PRIORITY} and {MAX_PRIORITY}, got "
+                       f"{req.priority}.", param="priority")
     return n
 
 
@@ -201,10 +225,27 @@ class _NoTracker:
         pass
 
 
-def _tracker(metrics: Metrics | None, job: EngineJob) -> RequestTracker | _NoTracker:
-    if metrics is None:
-        return _NoTracker()
-    return metrics.track(len(job.prompt_token_ids), job.params.n, job.arrival)
+class _Watched:
+    """A tracker and the job's admission watch, seeing the same outputs and close."""
+
+    def __init__(self, tracker: RequestTracker | _NoTracker, watch: Any) -> None:
+        self.tracker = tracker
+        self.watch = watch
+
+    def on_output(self, out: RequestOutput) -> None:
+        self.watch.on_output(out)
+        self.tracker.on_output(out)
+
+    def close(self, aborted: bool) -> None:
+        self.watch.close(aborted)
+        self.tracker.close(aborted)
+
+
+def _tracker(metrics: Metrics | None, job: EngineJob) -> RequestTracker | _NoTracker | _Watched:
+    tracker: RequestTracker | _NoTracker = _NoTracker()
+    if metrics is not None:
+        tracker = metrics.track(len(job.prompt_token_ids), job.params.n, job.arrival)
+    return tracker if job.watch is None else _Watched(tracker, job.watch)
 
 
 async def merge_streams(engine: EngineClient, jobs: list[EngineJob],
@@ -225,7 +266,8 @@ async def merge_streams(engine: EngineClient, jobs: list[EngineJob],
         job = jobs[0]
         tracker = _tracker(metrics, job)
         aborted = False
-        stream = engine.generate(job.request_id, job.prompt, job.prompt_token_ids, job.params)
+        stream = engine.generate(job.request_id, job.prompt, job.prompt_token_ids, job.params,
+                                 **job.scheduling_kwargs())
         try:
             async for out in stream:
                 tracker.on_output(out)
@@ -249,7 +291,8 @@ async def merge_streams(engine: EngineClient, jobs: list[EngineJob],
         aborted = False
         try:
             async for out in engine.generate(job.request_id, job.prompt,
-                                             job.prompt_token_ids, job.params):
+                                             job.prompt_token_ids, job.params,
+                                             **job.scheduling_kwargs()):
                 tracker.on_output(out)
                 queue.put_nowait((i, out))
         except ValueError as exc:  # the engine refused the request (EngineClient.generate)
@@ -327,12 +370,37 @@ class Serving:
 
     async def create(self, req: Any, raw: Request) -> Any:
         arrival = time.monotonic()
+        admission = self.ctx.admission
+        if admission is None:
+            return await self._create(req, raw, arrival, None)
+        # Admission (limits, queue, tenant tokens, deadline); see admission.py.
+        ticket = admission.admit(req, raw.state, self.ctx.engine.info.max_model_len)
+        try:
+            result = await ticket.within_deadline(self._create(req, raw, arrival, ticket))
+        except BaseException:
+            ticket.close()
+            raise
+        if not req.stream:
+            ticket.close()
+        return result
+
+    async def _create(self, req: Any, raw: Request, arrival: float,
+                      ticket: Ticket | None) -> Any:
         prep = await self._prepare(req)
-        for job in self._jobs(prep):
+        jobs = self._jobs(prep)
+        # The tenant, when API keys name one (tenants.py), for the scheduler's fair share.
+        tenant = getattr(raw.state, "tenant", None)
+        for job in jobs:
             job.arrival = arrival
+            job.priority = req.priority or 0
+            if tenant is not None:
+                job.tenant, job.tenant_weight = tenant.name, tenant.weight
+        if ticket is not None:
+            ticket.start(jobs, prompt_param(req))
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return sse_with_errors(self._stream(prep, include_usage))
+            chunks = self._stream(prep, include_usage)
+            return sse_with_errors(chunks if ticket is None else ticket.guard_stream(chunks))
         return await unless_disconnected(raw, lambda: self._collect(prep),
                                          self.ctx.disconnect_poll_s)
 

@@ -90,7 +90,7 @@ class CompletionServing(Serving):
     async def _prepare(self, req: CompletionRequest) -> _Prepared:
         ctx = self.ctx
         ctx.check_model(req.model)
-        n = check_common(req)
+        n = check_common(req, ctx.limits.max_n)
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
             raise APIError(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {req.logprobs}.",
                            param="logprobs")
