@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -87,16 +88,19 @@ class SamplingParams:
 
         if not isinstance(self.n, int) or self.n < 1:
             raise bad("n", "must be an integer >= 1")
-        if self.temperature < 0.0:
-            raise bad("temperature", "must be non-negative")
+        # NaN passes `< 0` and would sample garbage; inf is no temperature either.
+        if not 0.0 <= self.temperature < math.inf:
+            raise bad("temperature", "must be a non-negative finite number")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", "must be in (0, 1]")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             raise bad("top_k", "must be 0 or -1 (disabled) or a positive integer")
         if not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "must be in [0, 1]")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "must be an integer")
+        # torch.Generator takes 64 bits; a larger seed would crash the engine step.
+        if self.seed is not None and (not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**64):
+            raise bad("seed", "must be an integer that fits in 64 bits")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int)
                                             or self.max_tokens < 1):
             raise bad("max_tokens", "must be an integer >= 1")

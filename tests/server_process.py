@@ -8,11 +8,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
+from server.benchmarks.client import wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,16 +35,11 @@ class ServerProcess:
         self._wait_ready(ready_timeout)
 
     def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError("server did not become healthy")
+        try:
+            wait_healthy(self.base_url, self.proc, timeout)
+        except TimeoutError:
+            self.stop()
+            raise
 
     def stop(self, timeout: float = 20.0) -> int | None:
         if self.proc.poll() is None:

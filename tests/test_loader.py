@@ -84,6 +84,25 @@ def test_packed_weights_give_the_same_logits(tiny_model_factory) -> None:
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_packed_linear_pads_rows_to_few_shapes(tiny_model_factory) -> None:
+    """oneDNN keeps a kernel per distinct row count (memory that is never given back), so
+    packed layers pad the rows to 16 steps per power of two; outputs stay exact."""
+    from server.model.layers.linear import _onednn_rows
+
+    assert [_onednn_rows(r) for r in (1, 15, 16, 17, 33, 100, 1000, 2047)] == [
+        1, 15, 16, 18, 36, 104, 1024, 2048]
+    assert len({_onednn_rows(r) for r in range(1, 2049)}) == 72
+    path = tiny_model_factory("llama")
+    dense, _, _ = load_model(path, show_progress=False, pack_weights=False)
+    packed, _, _ = load_model(path, show_progress=False)
+    with torch.inference_mode():
+        for rows in (17, 100):
+            h = torch.randn(rows, 128)
+            m1, m2 = dense.model.layers[0].mlp, packed.model.layers[0].mlp
+            torch.testing.assert_close(m2(h), m1(h), atol=1e-5, rtol=1e-5)
+            assert m2(h).shape == (rows, 128)
+
+
 def test_dtype_auto_follows_the_checkpoint(tiny_model_factory, tmp_path: Path) -> None:
     src = tiny_model_factory("llama")
     model, _, dtype = load_model(src, show_progress=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from importlib import metadata
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -44,6 +45,26 @@ def _respond(result: BaseModel | AsyncIterator[str]) -> Response:
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _json_body(model: type[BaseModel]) -> dict[str, Any]:
+    """The request body for the OpenAPI schema (/docs, fuzzers): the handlers read the raw
+    body themselves, which hides it from FastAPI. Sub-models are inlined so the schema is
+    self-contained."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return inline(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": inline(schema)}}}}
+
+
 def _model_card(ctx: ServingContext) -> ModelCard:
     return ModelCard(id=ctx.served_model_name, created=now(), root=ctx.served_model_name,
                      max_model_len=ctx.engine.info.max_model_len or None)
@@ -53,13 +74,13 @@ def openai_router() -> APIRouter:
     """The /v1 routes; the app mounts them at /v1 and, for KServe, at /openai/v1."""
     router = APIRouter()
 
-    @router.post("/completions")
+    @router.post("/completions", openapi_extra=_json_body(CompletionRequest))
     async def completions(request: Request) -> Response:
         req = parse_body(CompletionRequest, await request.body())
         serving: CompletionServing = request.app.state.completions
         return _respond(await serving.create(req, request))
 
-    @router.post("/chat/completions")
+    @router.post("/chat/completions", openapi_extra=_json_body(ChatCompletionRequest))
     async def chat_completions(request: Request) -> Response:
         req = parse_body(ChatCompletionRequest, await request.body())
         serving: ChatServing = request.app.state.chat
@@ -81,7 +102,7 @@ def openai_router() -> APIRouter:
 def tokenizer_router() -> APIRouter:
     router = APIRouter()
 
-    @router.post("/tokenize")
+    @router.post("/tokenize", openapi_extra=_json_body(TokenizeRequest))
     async def tokenize(request: Request) -> Response:
         ctx = _ctx(request)
         req = parse_body(TokenizeRequest, await request.body())
@@ -100,7 +121,7 @@ def tokenizer_router() -> APIRouter:
         return _respond(TokenizeResponse(count=len(ids), tokens=ids,
                                          max_model_len=ctx.engine.info.max_model_len))
 
-    @router.post("/detokenize")
+    @router.post("/detokenize", openapi_extra=_json_body(DetokenizeRequest))
     async def detokenize(request: Request) -> Response:
         ctx = _ctx(request)
         req = parse_body(DetokenizeRequest, await request.body())

@@ -25,6 +25,12 @@ def _onednn_packing_supported(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32
 
 
+def _onednn_rows(rows: int) -> int:
+    """`rows` rounded up to a multiple of 2^(bit_length - 4): exact below 16."""
+    step = 1 << max(0, rows.bit_length() - 4)
+    return -(-rows // step) * step
+
+
 class Linear(nn.Module):
     """y = x W^T (+ b), W of shape [sum(output_sizes), in_features].
 
@@ -94,10 +100,21 @@ class Linear(nn.Module):
             return kernels.int4_linear(x, self.qweight, self.scales, self.qzeros,
                                        self.quant.group_size, self.bias)
         if self.packed_weight is not None:
-            return torch.ops.mkldnn._linear_pointwise(
-                x, self.packed_weight, self.bias, "none", [], ""
-            )
+            return self._onednn_linear(x)
         return F.linear(x, self.weight, self.bias)
+
+    def _onednn_linear(self, x: torch.Tensor) -> torch.Tensor:
+        # oneDNN builds and keeps a primitive (about a MiB) for every distinct row count, so
+        # a server seeing every batch size grew by GBs; padding the rows to one of 16 steps
+        # per power of two bounds that to ~70 shapes for at most 1/8 extra rows.
+        x2 = x.reshape(-1, x.shape[-1])
+        rows = x2.shape[0]
+        padded = _onednn_rows(rows)
+        if padded != rows:
+            x2 = F.pad(x2, (0, 0, 0, padded - rows))
+        out = torch.ops.mkldnn._linear_pointwise(x2, self.packed_weight, self.bias, "none",
+                                                 [], "")
+        return out[:rows].view(*x.shape[:-1], out.shape[-1])
 
     def process_weights_after_loading(self, keep_dense: bool = False) -> None:
         """Quantize W, or pre-pack it for oneDNN (CPU fp32/bf16) so each matmul stops
