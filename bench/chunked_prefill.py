@@ -47,11 +47,12 @@ from bench.scenario_common import (  # noqa: E402
 
 PRESETS = {
     "full": dict(num_decoders=16, decode_prompt_len=32, long_prompt_len=1900,
-                 chunk_budgets=[256, 64], max_model_len=2048, warmup_steps=5,
-                 steady_steps=30, after_steps=10, rounds=3),
+                 chunk_budgets=[256, 64], prefill_caps=[64, 32], cap_budget=2048,
+                 max_model_len=2048, warmup_steps=5, steady_steps=30, after_steps=10,
+                 rounds=3),
     "smoke": dict(num_decoders=4, decode_prompt_len=8, long_prompt_len=300,
-                  chunk_budgets=[64], max_model_len=512, warmup_steps=1, steady_steps=4,
-                  after_steps=2, rounds=2),
+                  chunk_budgets=[64], prefill_caps=[32], cap_budget=256, max_model_len=512,
+                  warmup_steps=1, steady_steps=4, after_steps=2, rounds=2),
 }
 BLOCK_SIZE = 16
 ITL_TARGET = 2.0  # p99 decoder ITL during the prefill, in steady step times
@@ -91,14 +92,15 @@ class BudgetRun:
     """
 
     def __init__(self, model_dir: Path, args: argparse.Namespace, label: str, budget: int,
-                 decode_prompts: list[list[int]], warm_prompt: list[int],
+                 cap: int, decode_prompts: list[list[int]], warm_prompt: list[int],
                  max_decode_tokens: int) -> None:
         from server import LLM, SamplingParams
 
-        self.label, self.budget, self.args = label, budget, args
+        self.label, self.budget, self.cap, self.args = label, budget, cap, args
         self.llm = LLM(
             str(model_dir), dtype=args.dtype, device=args.device,
             max_model_len=args.max_model_len, max_num_batched_tokens=budget,
+            long_prefill_token_threshold=cap,
             enable_prefix_caching=False, block_size=BLOCK_SIZE,
             num_kv_blocks=(len(decode_prompts) * blocks_for(args.decode_prompt_len
                                                             + max_decode_tokens, BLOCK_SIZE)
@@ -186,7 +188,7 @@ def summarize(steps: list[Step], num_decoders: int, t_add: float, t_first: float
     }
 
 
-def combine(label: str, budget: int, rounds: list[dict], preemptions: int) -> dict:
+def combine(label: str, budget: int, cap: int, rounds: list[dict], preemptions: int) -> dict:
     """Medians over rounds; the timeline of the round with the median p99/steady."""
     def med(get) -> float:
         return statistics.median(get(r) for r in rounds)
@@ -194,7 +196,8 @@ def combine(label: str, budget: int, rounds: list[dict], preemptions: int) -> di
     ratio = med(lambda r: r["p99_over_steady"])
     typical = sorted(rounds, key=lambda r: r["p99_over_steady"])[(len(rounds) - 1) // 2]
     return {
-        "label": label, "max_num_batched_tokens": budget, "rounds": len(rounds),
+        "label": label, "max_num_batched_tokens": budget, "long_prefill_token_threshold": cap,
+        "rounds": len(rounds),
         "steady_step_ms": med(lambda r: r["steady_step_ms"]),
         "itl_ms": {k: med(lambda r, k=k: r["itl_ms"][k]) for k in ("p50", "p99", "max")},
         "p99_over_steady": ratio,
@@ -214,7 +217,7 @@ def combine(label: str, budget: int, rounds: list[dict], preemptions: int) -> di
 def plot(results: list[dict], path: Path, long_len: int, num_decoders: int) -> None:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.2))
-    colors = ["#2b6cb0", "#38a169", "#805ad5", "#dd6b20"]
+    colors = ["#2b6cb0", "#38a169", "#805ad5", "#dd6b20", "#319795", "#d69e2e"]
     for r, color in zip(results, colors[:len(results) - 1] + ["#c53030"]):
         tl = r["timeline"]
         # Each gap spans the time since the previous step: drawn as a step ending at t.
@@ -244,6 +247,12 @@ def main() -> None:
     ap.add_argument("--chunk-budgets", type=int, nargs="+",
                     help="max_num_batched_tokens of the chunked runs (default 256 64); an "
                          "unchunked run (prompt + decoders in one step) is always added")
+    ap.add_argument("--prefill-caps", type=int, nargs="*",
+                    help="long_prefill_token_threshold values, each run at --cap-budget: "
+                         "the prompt's chunk is capped while the decoders run (default 64 32)")
+    ap.add_argument("--cap-budget", type=int,
+                    help="max_num_batched_tokens of the capped runs (default 2048, the "
+                         "server's default)")
     ap.add_argument("--max-model-len", type=int, help="context length (default 2048)")
     ap.add_argument("--warmup-steps", type=int, help="decode steps before measuring")
     ap.add_argument("--steady-steps", type=int, help="steps measuring the steady step time")
@@ -257,6 +266,8 @@ def main() -> None:
         ap.error("--long-prompt-len must be below --max-model-len")
     if min(args.chunk_budgets) <= args.num_decoders:
         ap.error("every budget must exceed --num-decoders, or the long prompt never runs")
+    if any(c < 1 for c in args.prefill_caps) or args.cap_budget <= args.num_decoders:
+        ap.error("--prefill-caps must be >= 1 and --cap-budget above --num-decoders")
     if args.warmup_steps < 1 or args.steady_steps < 1 or args.rounds < 1:
         ap.error("--warmup-steps, --steady-steps and --rounds must be >= 1")
     model_dir = prepare_model(args.model_dir, args.dtype)
@@ -268,15 +279,18 @@ def main() -> None:
     long_prompts = [random_tokens(rng, args.long_prompt_len, vocab_size)
                     for _ in range(args.rounds)]
     unchunked = args.long_prompt_len + args.num_decoders
-    budgets = [(f"chunked-{b}", b) for b in args.chunk_budgets] + [("unchunked", unchunked)]
+    budgets = ([(f"chunked-{b}", b, 0) for b in args.chunk_budgets]
+               + [(f"cap-{c}", args.cap_budget, c) for c in args.prefill_caps]
+               + [("unchunked", unchunked, 0)])
     # Decoders must outlast every round (twice the most steps a round can take).
-    slowest = -(-args.long_prompt_len // (min(args.chunk_budgets) - args.num_decoders))
+    fewest = min([b - args.num_decoders for b in args.chunk_budgets] + args.prefill_caps)
+    slowest = -(-args.long_prompt_len // fewest)
     per_round = args.warmup_steps + args.steady_steps + slowest + 1 + args.after_steps
     max_decode_tokens = min(2 * args.rounds * per_round + 8,
                             args.max_model_len - args.decode_prompt_len)
 
-    runs = [BudgetRun(model_dir, args, label, b, decode_prompts, warm_prompt,
-                      max_decode_tokens) for label, b in tqdm(budgets, desc="loading engines")]
+    runs = [BudgetRun(model_dir, args, label, b, cap, decode_prompts, warm_prompt,
+                      max_decode_tokens) for label, b, cap in tqdm(budgets, desc="loading engines")]
     per_budget: list[list[dict]] = [[] for _ in runs]
     with tqdm(total=args.rounds * len(runs), desc="rounds", unit="run") as bar:
         for r in range(args.rounds):
@@ -284,7 +298,7 @@ def main() -> None:
             for i in order:
                 per_budget[i].append(runs[i].round(r, long_prompts[r]))
                 bar.update(1)
-    results = [combine(run.label, run.budget, rounds, run.close())
+    results = [combine(run.label, run.budget, run.cap, rounds, run.close())
                for run, rounds in zip(runs, per_budget)]
 
     print(f"{args.num_decoders} decoders (prompt {args.decode_prompt_len}), a "

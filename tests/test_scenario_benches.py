@@ -73,12 +73,16 @@ def test_chunked_prefill_smoke(model_dir, tmp_path):
     decoders, long_len = cfg["num_decoders"], cfg["long_prompt_len"]
     assert (decoders, long_len, cfg["chunk_budgets"]) == (4, 300, [64])
     chunked, whole = res["results"]["chunked-64"], res["results"]["unchunked"]
+    capped = res["results"]["cap-32"]
     # Decoders are scheduled first; the long prompt gets what is left of the budget.
     assert chunked["prefill_chunks"] == [60] * 5
     assert chunked["prefill_steps"] == 5
+    # Capped: 32 tokens a step while the decoders run, although the budget (256) has room.
+    assert (capped["max_num_batched_tokens"], capped["long_prefill_token_threshold"]) == (256, 32)
+    assert capped["prefill_chunks"] == [32] * 9 + [12]
     assert whole["max_num_batched_tokens"] == long_len + decoders
     assert whole["prefill_chunks"] == [long_len] and whole["prefill_steps"] == 1
-    for r in (chunked, whole):
+    for r in (chunked, capped, whole):
         assert r["rounds"] == cfg["rounds"] == len(r["per_round"])
         assert r["decoder_tokens_missed"] == 0 and r["num_preemptions"] == 0
         # Every decoder gets one token per prefill step, so one ITL sample each.
