@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check for the Triton kernels, in one run (about 8 minutes at most on an H100/H200):
+# The GPU check for the Triton kernels, in one run (about 9.5 minutes at most on an H100/H200):
 #   1. the kernel and Triton-engine tests, natively (TRITON_INTERPRET=0);
 #   2. bench/kernels.py: paged attention vs a copy and SDPA, quantized matmuls vs cuBLAS;
-#   3. bench/decode_roofline.py: 8B-shaped batch-1 decode vs the memory roofline.
+#   3. bench/decode_roofline.py: 8B-shaped batch-1 decode vs the memory roofline;
+#   4. bench/chunked_prefill.py on the GPU: decoders' p99 ITL while a long prompt prefills
+#      (random-weight 110M model built in /tmp; needs transformers, which the GPU image has).
 # Results (JSON, logs, PNG) go to $OUT, else bench/results/gpu. Needs torch + triton + pytest
 # (+ transformers for the engine test); installs nothing.
 #     bash bench/gpu_check.sh
@@ -18,13 +20,17 @@ torch.cuda.get_device_name())" 2>&1 | tee "$OUT/env.txt"
 
 # Compiling many kernel variants dominates the tests: spread them over workers when xdist is there.
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout 240 $PY -m pytest -q -p no:cacheprovider $XDIST \
+timeout 220 $PY -m pytest -q -p no:cacheprovider $XDIST \
     tests/test_triton_attention.py tests/test_triton_fused.py tests/test_quant_kernels.py \
     tests/test_triton_engine.py --junitxml="$OUT/tests.xml" 2>&1 | tee "$OUT/tests.log"
 tests=$?
-timeout 100 $PY bench/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
+timeout 90 $PY bench/kernels.py --out "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.log"
 kern=$?
-timeout 140 $PY bench/decode_roofline.py --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log"
+timeout 130 $PY bench/decode_roofline.py --out "$OUT/decode.json" 2>&1 | tee "$OUT/decode.log"
 dec=$?
-echo "exit codes: tests=$tests kernels=$kern decode=$dec" | tee -a "$OUT/env.txt"
-exit $(( tests || kern || dec ))
+timeout 120 $PY bench/chunked_prefill.py --device cuda --model-dir /tmp/conveyor-benchmodel \
+    --chunk-budgets 512 256 --prefill-caps --out "$OUT/chunked_prefill.json" 2>&1 \
+    | tee "$OUT/chunked_prefill.log"
+chunk=$?
+echo "exit codes: tests=$tests kernels=$kern decode=$dec chunked=$chunk" | tee -a "$OUT/env.txt"
+exit $(( tests || kern || dec || chunk ))
