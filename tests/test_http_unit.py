@@ -207,6 +207,14 @@ def test_chat_with_a_real_hf_tokenizer_template(tokenizer_dir):
     assert_error(r, 400, "messages", "chat_template_missing")
 
 
+def test_integral_floats_are_integers():
+    # JSON Schema (our OpenAPI schema) counts 3.0 as an integer; strings stay refused.
+    client, engine = make()
+    r = client.post("/v1/completions", json={"prompt": [5.0, 6], "max_tokens": 3.0, "n": 1.0})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+
+
 # ---- errors ------------------------------------------------------------------------------
 
 LONG = "x" * 70  # longer than the fake's 64-token context
@@ -215,6 +223,8 @@ ERROR_CASES = [
     # (path, body, status, param, code)
     ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens", None),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens", None),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2.5}, 400, "max_tokens", None),
+    ("/v1/completions", {"prompt": [1, 2.5]}, 400, "prompt", None),
     ("/v1/completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p", None),
     ("/v1/completions", {"prompt": "hi", "temperature": -1}, 400, "temperature", None),
     ("/v1/completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature", None),

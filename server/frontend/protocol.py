@@ -8,9 +8,28 @@ serving code, so each is written once and names the offending field.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
+
+
+def _integral(value: Any) -> Any:
+    """1.0 is an integer in JSON Schema (and what some clients send): accept it as 1.
+    Anything else goes on to the strict check, so 1.5 and "1" are still refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# The request models' integer: strict, except for integral floats.
+Int = Annotated[int, BeforeValidator(_integral)]
 
 
 class _Request(BaseModel):
@@ -29,16 +48,16 @@ class SamplingRequest(_Request):
     """Fields shared by completions and chat; names match SamplingParams where they map."""
 
     model: str | None = None
-    n: int | None = None
-    max_tokens: int | None = None
+    n: Int | None = None
+    max_tokens: Int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int | None = None
     min_p: float | None = None
-    seed: int | None = None
-    min_tokens: int | None = None
+    seed: Int | None = None
+    min_tokens: Int | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int] | None = None
     ignore_eos: bool | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -52,13 +71,13 @@ class SamplingRequest(_Request):
     user: str | None = None
     response_format: ResponseFormat | None = None
     # vLLM extension: scheduling priority, lower first (default 0).
-    priority: int | None = None
+    priority: Int | None = None
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[Int] | list[list[Int]]
     echo: bool | None = False
-    logprobs: int | None = None
+    logprobs: Int | None = None
 
 
 class ContentPart(_Request):
@@ -74,8 +93,8 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     logprobs: bool | None = False
-    top_logprobs: int | None = None
-    max_completion_tokens: int | None = None
+    top_logprobs: Int | None = None
+    max_completion_tokens: Int | None = None
     add_generation_prompt: bool | None = True
 
 
@@ -90,7 +109,7 @@ class TokenizeRequest(_Request):
 
 class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int]
 
 
 # ---- responses ---------------------------------------------------------------------------
