@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,7 @@ def build_engine_core(config: EngineConfig, eos_token_ids: frozenset[int]
 
     from server.model.kv_cache import allocate_kv_cache, kv_cache_bytes_per_block
     from server.model.layers.attention_backend import resolve_attention_backend
+    from server.model.layers.linear import warm_onednn_shapes
     from server.model.loader import load_model
     from server.model.quantization import describe as describe_quant
     from server.runner.model_runner import ModelRunner
@@ -109,6 +111,14 @@ def build_engine_core(config: EngineConfig, eos_token_ids: frozenset[int]
                 "attention backend %s; KV cache %d blocks of %d tokens (%.1f MiB)", mc.model,
                 str(dtype).removeprefix("torch."), quantization, weight_bytes / 2**20, backend,
                 num_blocks, bs, num_blocks * per_block / 2**20)
+    if device.type == "cpu":
+        # Decode batches take every size up to max_num_seqs; prefill-sized ones are rarer and
+        # cost real compute to warm (seconds for a large model), so they stay lazy.
+        t0 = time.perf_counter()
+        n = warm_onednn_shapes(model, min(sched_cfg.max_num_seqs,
+                                          sched_cfg.max_num_batched_tokens))
+        if n:
+            logger.info("warmed %d oneDNN matmul shapes in %.1f s", n, time.perf_counter() - t0)
     runner = ModelRunner(model, kv_caches, bs, arch.vocab_size, eos_token_ids, device)
     core = EngineCore(Scheduler(sched_cfg, config.cache, num_blocks), runner)
     info = EngineInfo(max_model_len=max_model_len, vocab_size=arch.vocab_size,

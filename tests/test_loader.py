@@ -86,7 +86,7 @@ def test_packed_weights_give_the_same_logits(tiny_model_factory) -> None:
 
 def test_packed_linear_pads_rows_to_few_shapes(tiny_model_factory) -> None:
     """oneDNN keeps a kernel per distinct row count (memory that is never given back), so
-    packed layers pad the rows to 16 steps per power of two; outputs stay exact."""
+    packed layers pad the rows to 8 sizes per power of two; outputs stay exact."""
     from server.model.layers.linear import _onednn_rows
 
     assert [_onednn_rows(r) for r in (1, 15, 16, 17, 33, 100, 1000, 2047)] == [
@@ -101,6 +101,28 @@ def test_packed_linear_pads_rows_to_few_shapes(tiny_model_factory) -> None:
             m1, m2 = dense.model.layers[0].mlp, packed.model.layers[0].mlp
             torch.testing.assert_close(m2(h), m1(h), atol=1e-5, rtol=1e-5)
             assert m2(h).shape == (rows, 128)
+
+
+def test_warm_onednn_shapes_runs_each_weight_shape_once_per_padded_size(
+        tiny_model_factory, monkeypatch: pytest.MonkeyPatch) -> None:
+    from server.model.layers import linear as L
+
+    model, arch, _ = load_model(tiny_model_factory("llama"), show_progress=False)
+    seen: list[tuple[int, int, int]] = []
+    real = L.Linear._onednn_linear
+
+    def record(self, x: torch.Tensor) -> torch.Tensor:
+        seen.append((self.in_features, self.out_features, x.shape[0]))
+        return real(self, x)
+
+    monkeypatch.setattr(L.Linear, "_onednn_linear", record)
+    shapes = {(m.in_features, m.out_features) for m in model.modules()
+              if isinstance(m, L.Linear) and m.packed_weight is not None}
+    assert len(shapes) == 4  # qkv, o, gate_up, down: one module each, whatever the depth
+    n = L.warm_onednn_shapes(model, 40)
+    sizes = list(range(1, 17)) + [18, 20, 22, 24, 26, 28, 30, 32, 36, 40]
+    assert n == len(seen) == 4 * len(sizes)
+    assert sorted(seen) == sorted((i, o, r) for i, o in shapes for r in sizes)
 
 
 def test_dtype_auto_follows_the_checkpoint(tiny_model_factory, tmp_path: Path) -> None:

@@ -26,9 +26,33 @@ def _onednn_packing_supported(weight: torch.Tensor) -> bool:
 
 
 def _onednn_rows(rows: int) -> int:
-    """`rows` rounded up to a multiple of 2^(bit_length - 4): exact below 16."""
+    """`rows` rounded up to a multiple of 2^(bit_length - 4): exact below 16, then one of
+    8 sizes per power of two (at most 1/8 extra rows)."""
     step = 1 << max(0, rows.bit_length() - 4)
     return -(-rows // step) * step
+
+
+def warm_onednn_shapes(model: nn.Module, max_rows: int) -> int:
+    """Run every pre-packed weight shape once at each padded row count up to `max_rows`.
+
+    oneDNN builds a primitive the first time it sees a (rows, weight shape) pair, shared by
+    all layers of that shape: a few ms of latency on the step that meets a new batch size,
+    and memory that keeps growing while new sizes turn up. Warming the decode-sized row
+    counts at start-up moves both out of serving. Returns the matmuls run.
+    """
+    shapes: dict[tuple, Linear] = {}
+    for module in model.modules():
+        if isinstance(module, Linear) and module.packed_weight is not None:
+            key = (module.in_features, module.out_features, module.packed_weight.dtype,
+                   module.bias is None)
+            shapes.setdefault(key, module)
+    sizes = sorted({_onednn_rows(r) for r in range(1, max_rows + 1)})
+    with torch.inference_mode():
+        for module in shapes.values():
+            dtype = module.packed_weight.dtype
+            for rows in sizes:
+                module(torch.zeros(rows, module.in_features, dtype=dtype))
+    return len(shapes) * len(sizes)
 
 
 class Linear(nn.Module):
@@ -104,9 +128,9 @@ class Linear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
     def _onednn_linear(self, x: torch.Tensor) -> torch.Tensor:
-        # oneDNN builds and keeps a primitive (about a MiB) for every distinct row count, so
-        # a server seeing every batch size grew by GBs; padding the rows to one of 16 steps
-        # per power of two bounds that to ~70 shapes for at most 1/8 extra rows.
+        # oneDNN builds and keeps a primitive for every distinct row count, so a server
+        # seeing every batch size grew by GBs; padding the rows to one of 8 sizes per power
+        # of two bounds that to 72 sizes up to 2048 rows, for at most 1/8 extra rows.
         x2 = x.reshape(-1, x.shape[-1])
         rows = x2.shape[0]
         padded = _onednn_rows(rows)
