@@ -75,7 +75,7 @@ class Scheduler:
         # does not emit them twice.
         self._prompt_lp_sent: dict[str, int] = {}
         self.num_preemptions = 0
-        # TenantBook with a request still prefilling after the last step; None: not known.
+        # Tenants with a request still prefilling after the last step; None: not known.
         self._prefilling_tenants: set[str | None] | None = None
 
     # ---- queue management -------------------------------------------------------------
@@ -151,7 +151,7 @@ class Scheduler:
         prompt_floor = max(1, budget // 8)
         decode_reserve = min(head_chunk, prompt_floor) if head is not None else 0
         floor_undecided = head is None
-        # TenantBook' shares of prompt tokens, when two or more of them may want some (the set
+        # Tenants' shares of prompt tokens, when two or more of them may want some (the set
         # of tenants still prefilling is kept from the last step, None when not known).
         caps = None
         prefilling = self._prefilling_tenants

@@ -40,8 +40,8 @@ from server.frontend.request_limits import (
 from server.outputs import RequestOutput
 
 if TYPE_CHECKING:
+    from server.frontend.engine_streams import EngineJob
     from server.frontend.metrics import Metrics
-    from server.frontend.serving_common import EngineJob
 
 T = TypeVar("T")
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from server.frontend.engine_streams import EngineJob, merge_streams
 from server.frontend.errors import APIError
 from server.frontend.protocol import (
     AssistantMessage,
@@ -27,13 +28,11 @@ from server.frontend.serving_common import (
     LOGPROB_FLOOR,
     MAX_LOGPROBS,
     ChoiceState,
-    EngineJob,
     Serving,
     build_params,
     check_common,
     clamp_logprob,
     fit_to_context,
-    merge_streams,
     now,
     sse,
     token_text,

@@ -7,6 +7,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from server.frontend.engine_streams import EngineJob, merge_streams
 from server.frontend.errors import APIError
 from server.frontend.protocol import (
     CompletionChoice,
@@ -19,14 +20,12 @@ from server.frontend.protocol import (
 from server.frontend.serving_common import (
     MAX_LOGPROBS,
     ChoiceState,
-    EngineJob,
     Serving,
     build_params,
     check_common,
     check_token_ids,
     clamp_logprob,
     fit_to_context,
-    merge_streams,
     now,
     sse,
     token_text,
