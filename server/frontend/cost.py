@@ -49,26 +49,21 @@ class CostCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         spent = self.spent_usd()
         tokens, requests = self.usage.output_tokens, self.usage.finished_requests
-        lv = [self.model]
+        series: list[tuple[type, str, str, float]] = [
+            (CounterMetricFamily, "cost_usd",
+             "Cost since the server started: hours x --cost-per-hour.", spent),
+            (GaugeMetricFamily, "cost_per_hour_usd", "The --cost-per-hour rate.",
+             self.usd_per_hour),
+        ]
+        if tokens:
+            series.append((GaugeMetricFamily, "cost_per_1k_output_tokens_usd",
+                           "Cost so far per 1000 generated tokens.", spent * 1000.0 / tokens))
+        if requests:
+            series.append((GaugeMetricFamily, "cost_per_10k_requests_usd",
+                           "Cost so far per 10000 finished engine requests.",
+                           spent * 10000.0 / requests))
         for p in self.prefixes:
-            total = CounterMetricFamily(p + "cost_usd",
-                                        "Cost since the server started: hours x "
-                                        "--cost-per-hour.", labels=["model_name"])
-            total.add_metric(lv, spent)
-            yield total
-            rate = GaugeMetricFamily(p + "cost_per_hour_usd", "The --cost-per-hour rate.",
-                                     labels=["model_name"])
-            rate.add_metric(lv, self.usd_per_hour)
-            yield rate
-            if tokens:
-                g = GaugeMetricFamily(p + "cost_per_1k_output_tokens_usd",
-                                      "Cost so far per 1000 generated tokens.",
-                                      labels=["model_name"])
-                g.add_metric(lv, spent * 1000.0 / tokens)
-                yield g
-            if requests:
-                g = GaugeMetricFamily(p + "cost_per_10k_requests_usd",
-                                      "Cost so far per 10000 finished engine requests.",
-                                      labels=["model_name"])
-                g.add_metric(lv, spent * 10000.0 / requests)
-                yield g
+            for family, name, doc, value in series:
+                m = family(p + name, doc, labels=["model_name"])
+                m.add_metric([self.model], value)
+                yield m
