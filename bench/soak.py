@@ -86,7 +86,7 @@ class StartedServer:
                                      stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_healthy(self, timeout: float = 300.0) -> None:
-        from server.benchmarks.client import wait_healthy
+        from server.benchmarks.process import wait_healthy
 
         try:
             wait_healthy(self.base_url, self.proc, timeout)
@@ -99,15 +99,11 @@ class StartedServer:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (a drain), then the exit code; killed if it does not exit in time."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        from server.benchmarks.process import stop_process
+
+        code = stop_process(self.proc, timeout)
         self.log.close()
-        return self.proc.returncode
+        return code
 
 
 def rss_bytes(pid: int) -> int | None:

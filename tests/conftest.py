@@ -55,3 +55,13 @@ def kernel_device() -> str:
     if not interpreting():
         pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1")
     return "cpu"
+
+
+@pytest.fixture(scope="module")
+def tiny_llama_server(tiny_model_factory):
+    """A real `conveyor serve` on the tiny llama, served as "tiny" (one per test module)."""
+    from tests.server_process import running_server
+
+    with running_server(tiny_model_factory("llama"), "--num-kv-blocks", "256",
+                        "--served-model-name", "tiny") as s:
+        yield s

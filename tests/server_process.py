@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from server.benchmarks.client import wait_healthy
+from server.benchmarks.process import stop_process, wait_healthy
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,15 +41,9 @@ class ServerProcess:
             raise
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        code = stop_process(self.proc, timeout)
         self.log.close()
-        return self.proc.returncode
+        return code
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ import pytest
 
 from server.benchmarks import workloads as wl
 from server.benchmarks.serve import main
-from tests.server_process import running_server
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +18,8 @@ def model_dir(tiny_model_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    with running_server(model_dir, "--num-kv-blocks", "256", "--served-model-name",
-                        "tiny") as s:
-        yield s
+def server(tiny_llama_server):
+    return tiny_llama_server
 
 
 def test_completions_token_counts_match_usage(server, model_dir, tmp_path):

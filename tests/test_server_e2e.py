@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from server import LLM, SamplingParams
-from tests.server_process import ServerProcess, running_server
+from tests.server_process import ServerProcess
 
 PROMPTS = ["Hello there", "The quick brown fox", "A paged KV cache", "Once upon a time"]
 
@@ -23,10 +23,8 @@ def model_dir(tiny_model_factory):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir):
-    with running_server(model_dir, "--num-kv-blocks", "256", "--served-model-name",
-                        "tiny") as s:
-        yield s
+def server(tiny_llama_server):
+    return tiny_llama_server
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,7 @@ stream), `protocol` (a body that is not the expected SSE JSON) or the exception'
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -228,17 +226,3 @@ def get_json(base_url: str, path: str, api_key: str | None, method: str = "GET",
     resp.raise_for_status()
     return resp.json() if parse else {}
 
-
-def wait_healthy(base_url: str, proc: subprocess.Popen, timeout: float,
-                 poll_s: float = 0.2) -> None:
-    """Return once `base_url`/health answers 200; RuntimeError if `proc` exits first,
-    TimeoutError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(base_url + "/health", timeout=2).status_code == 200:
-                return
-        time.sleep(poll_s)
-    raise TimeoutError(f"server not healthy after {timeout:g} s")
