@@ -23,6 +23,7 @@ from server.frontend.request_limits import RequestLimits, max_token_bytes, min_t
 from server.outputs import RequestOutput
 from server.sampling_params import SamplingParams
 from tests.fake_engine import FakeEngineClient
+from tests.openai_errors import assert_error
 
 MODEL = "fake-model"
 CHAT = [{"role": "user", "content": "hi"}]
@@ -48,15 +49,6 @@ def make(limits: RequestLimits | None = None, **engine_kwargs):
     engine = FakeEngineClient(**engine_kwargs)
     app = build_app(engine, engine.tokenizer, MODEL, None, limits=limits)
     return TestClient(app, raise_server_exceptions=False), engine, app.state.ctx.admission
-
-
-def assert_error(r, status: int, param: str | None, code: str | None,
-                 type: str = "invalid_request_error") -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"}
-    assert (err["type"], err["param"], err["code"]) == (type, param, code), err
-    return err
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -22,6 +22,7 @@ from schemathesis.generation.modes import GenerationMode
 
 from server.frontend.app import build_app
 from tests.fake_engine import CharTokenizer, FakeEngineClient
+from tests.openai_errors import assert_openai_error
 from tests.server_process import running_server
 
 MODEL = "fake-model"
@@ -31,17 +32,6 @@ FUZZ_SETTINGS = settings(max_examples=15, deadline=None, derandomize=True, datab
 
 def _app():
     return build_app(FakeEngineClient(), CharTokenizer(), MODEL, None)
-
-
-def assert_openai_error(body: object) -> None:
-    """{"error": {"message": str, "type": str, "param": str | None, "code": str | None}}."""
-    assert isinstance(body, dict) and set(body) == {"error"}, body
-    err = body["error"]
-    assert isinstance(err, dict) and set(err) == {"message", "type", "param", "code"}, err
-    assert isinstance(err["message"], str) and err["message"]
-    assert isinstance(err["type"], str) and err["type"]
-    assert err["param"] is None or isinstance(err["param"], str)
-    assert err["code"] is None or isinstance(err["code"], str)
 
 
 def check_response(status: int, content_type: str, text: str) -> None:
