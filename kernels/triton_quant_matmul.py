@@ -85,18 +85,24 @@ def _nibbles(packed, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
+def _tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+          GROUP_M: tl.constexpr):
+    """This program's output tile: its column-tile id, row / column / k offsets, and the
+    row and column masks."""
+    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    return pid_n, offs_m, offs_n, tl.arange(0, BLOCK_K), offs_m < M, offs_n < N
+
+
+@triton.jit
 def _w8a16_kernel(
     x_ptr, w_ptr, scale_ptr, bias_ptr, out_ptr,
     M, N, K, stride_xm, stride_wn, stride_om, k_per_split,
     HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr, DOT_FP32: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    _, offs_m, offs_n, offs_k, m_mask, n_mask = _tile(M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
     k_start = tl.program_id(1) * k_per_split
@@ -121,12 +127,8 @@ def _w4a16_kernel(
     GROUP_ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _tile_ids(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    pid_n, offs_m, offs_n, offs_k, m_mask, n_mask = _tile(M, N, BLOCK_M, BLOCK_N, BLOCK_K,
+                                                          GROUP_M)
     # Packed columns are loaded once each ([.., BLOCK_N // 8] int32, no 8x re-reads) and
     # expanded to nibbles in registers. N % 8 == 0, so packed column c is in range iff its
     # 8 columns are.
