@@ -157,10 +157,13 @@ def prompt_too_long(param: str, tokens: int, limit: int, at_least: bool) -> APIE
                     param=param, code="prompt_too_long")
 
 
-def context_exceeded(param: str, tokens: int, max_model_len: int) -> APIError:
+def context_exceeded(param: str, tokens: int, max_model_len: int,
+                     at_least: bool = False) -> APIError:
+    """The prompt alone fills the context (`at_least`: a lower bound, before tokenizing)."""
+    has = f"at least {tokens}" if at_least else str(tokens)
     return APIError(
         f"This model's maximum context length is {max_model_len} tokens. However, your "
-        f"prompt has at least {tokens} tokens, which leaves no room for a completion.",
+        f"prompt has {has} tokens, which leaves no room for a completion.",
         param=param, code="context_length_exceeded")
 
 
@@ -176,7 +179,7 @@ def check_prompt_bound(req: Any, limits: RequestLimits, token_bytes: int | None,
         if limits.max_prompt_tokens is not None and tokens > limits.max_prompt_tokens:
             raise prompt_too_long(param, tokens, limits.max_prompt_tokens, at_least=True)
         if max_model_len and tokens >= max_model_len:
-            raise context_exceeded(param, tokens, max_model_len)
+            raise context_exceeded(param, tokens, max_model_len, at_least=True)
 
 
 def check_prompt_tokens(param: str, lengths: list[int], limits: RequestLimits) -> None:

@@ -28,7 +28,12 @@ from server.frontend.errors import (
 )
 from server.frontend.metrics import Metrics
 from server.frontend.protocol import SamplingRequest
-from server.frontend.request_limits import DEFAULT_MAX_N, RequestLimits, prompt_param
+from server.frontend.request_limits import (
+    DEFAULT_MAX_N,
+    RequestLimits,
+    context_exceeded,
+    prompt_param,
+)
 from server.frontend.tokenization import TokenizerService
 from server.outputs import CompletionOutput, Logprob, PositionLogprobs
 from server.sampling_params import SamplingParams
@@ -165,10 +170,7 @@ def fit_to_context(params: SamplingParams, prompt_len: int, max_model_len: int, 
                    rename: dict[str, str]) -> SamplingParams:
     """Checks prompt + max_tokens against the context; an absent max_tokens fills it."""
     if prompt_len >= max_model_len:
-        raise APIError(
-            f"This model's maximum context length is {max_model_len} tokens. However, your "
-            f"prompt has {prompt_len} tokens, which leaves no room for a completion.",
-            param=prompt_param, code="context_length_exceeded")
+        raise context_exceeded(prompt_param, prompt_len, max_model_len)
     if params.max_tokens is not None:
         if prompt_len + params.max_tokens > max_model_len:
             raise APIError(
