@@ -18,6 +18,15 @@ def is_open_path(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
+def bearer_token(scope: Scope) -> bytes | None:
+    """The token of `Authorization: Bearer <token>`; b"" for another scheme; None if absent."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            return token.strip() if scheme.lower() == b"bearer" else b""
+    return None
+
+
 def unauthorized(missing: bool) -> APIError:
     """The 401 for a request without a key (`missing`) or with a wrong one."""
     if missing:
@@ -38,14 +47,9 @@ class APIKeyMiddleware:
         if scope["type"] != "http" or is_open_path(scope.get("path", "")):
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
-        given = headers.get(b"authorization")
-        if given is not None and self._matches(given):
+        token = bearer_token(scope)
+        # compare_digest: the time taken must not reveal how much of the key matched.
+        if token and hmac.compare_digest(token, self._key):
             await self.app(scope, receive, send)
             return
-        await unauthorized(missing=given is None).response()(scope, receive, send)
-
-    def _matches(self, header: bytes) -> bool:
-        scheme, _, token = header.partition(b" ")
-        # compare_digest: the time taken must not reveal how much of the key matched.
-        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
+        await unauthorized(missing=token is None).response()(scope, receive, send)

@@ -32,7 +32,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.frontend.admission import REJECT_TENANT_REQUESTS, REJECT_TENANT_TOKENS, rate_limited
-from server.frontend.auth import is_open_path, unauthorized
+from server.frontend.auth import bearer_token, is_open_path, unauthorized
 from server.frontend.lifecycle import GENERATION_PATHS
 
 OPENAI_PREFIXES = ("/v1/", "/openai/v1/")
@@ -231,15 +231,6 @@ def load_api_keys(path: str | Path) -> dict[str, KeySpec]:
     return out
 
 
-def _bearer(scope: Scope) -> bytes | None:
-    """The token of `Authorization: Bearer <token>`; b"" for another scheme; None if absent."""
-    for name, value in scope.get("headers", ()):
-        if name == b"authorization":
-            scheme, _, token = value.partition(b" ")
-            return token.strip() if scheme.lower() == b"bearer" else b""
-    return None
-
-
 class TenantMiddleware:
     """Authenticates by the keys file (and --api-key, as an unlimited admin key), takes one
     request from the key's bucket for each generation request (429 when empty), records
@@ -257,7 +248,7 @@ class TenantMiddleware:
         if scope["type"] != "http" or is_open_path(path):
             await self.app(scope, receive, send)
             return
-        token = _bearer(scope)
+        token = bearer_token(scope)
         limits = self.tenants.lookup(token) if token else None
         if limits is None:
             if token is None or not (self._admin and hmac.compare_digest(token, self._admin)):
