@@ -5,17 +5,18 @@ Runs beside the tokenizer (front end or offline LLM), never inside the engine lo
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 from server.detokenizer import DetokenizerWithStops
-from server.engine.outputs import EngineCoreOutput, Logprobs, RequestTimes
+from server.engine.outputs import EngineCoreOutput, Logprobs
 from server.outputs import (
     CompletionOutput,
     Logprob,
     PositionLogprobs,
-    RequestMetrics,
     RequestOutput,
+    RequestTimes,
 )
 from server.sampling_params import SamplingParams
 
@@ -88,12 +89,12 @@ class _ParentState:
     def note_finished(self, t: float) -> None:
         self.finished_time = t if self.finished_time is None else max(self.finished_time, t)
 
-    def metrics(self) -> RequestMetrics | None:
+    def metrics(self) -> RequestTimes | None:
         """None unless the engine reported when the request was scheduled."""
         f = self.first_times
         if f is None or self.finished_time is None:
             return None
-        return RequestMetrics(f.arrival, f.first_scheduled, f.first_token, self.finished_time)
+        return dataclasses.replace(f, finished=self.finished_time)
 
 
 @dataclass

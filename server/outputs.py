@@ -31,30 +31,35 @@ class CompletionOutput:
 
 
 @dataclass(frozen=True)
-class RequestMetrics:
-    """A finished request's engine timestamps (time.monotonic()), over all n sequences:
-    the earliest scheduling and first token, the latest finish. A sequence ended by a stop
-    string (found by the front end) finishes when the front end saw it."""
+class RequestTimes:
+    """A request's engine timestamps (time.monotonic(): one clock for every process on the
+    host, so the front end's arrival time and these compare directly).
 
-    arrival_time: float
-    first_scheduled_time: float
-    first_token_time: float | None
-    finished_time: float
+    The engine sends them per sequence; a finished RequestOutput carries them over all n
+    sequences: the earliest scheduling and first token, the latest finish. `first_scheduled`
+    is the FIRST admission: a sequence preempted and admitted again counts its queue time
+    only up to its first scheduling. A sequence ended by a stop string (found by the front
+    end) finishes when the front end saw it.
+    """
+
+    arrival: float
+    first_scheduled: float
+    first_token: float | None = None
+    finished: float | None = None
 
     @property
     def queue_time(self) -> float:
-        """Arrival to first scheduling (a preempted request is not queued again)."""
-        return self.first_scheduled_time - self.arrival_time
+        return self.first_scheduled - self.arrival
 
     @property
     def prefill_time(self) -> float | None:
-        return None if self.first_token_time is None else \
-            self.first_token_time - self.first_scheduled_time
+        return None if self.first_token is None else self.first_token - self.first_scheduled
 
     @property
     def decode_time(self) -> float | None:
-        return None if self.first_token_time is None else \
-            self.finished_time - self.first_token_time
+        if self.first_token is None or self.finished is None:
+            return None
+        return self.finished - self.first_token
 
 
 @dataclass
@@ -68,4 +73,4 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     # On the finished output, when the engine reported its timestamps.
-    metrics: RequestMetrics | None = None
+    metrics: RequestTimes | None = None

@@ -9,7 +9,6 @@ from server.engine.core import EngineCore
 from server.engine.outputs import EngineCoreOutput, RequestTimes
 from server.engine.scheduler import Scheduler
 from server.output_processor import OutputProcessor
-from server.outputs import RequestMetrics
 from server.request import Request
 from server.sampling_params import SamplingParams
 from tests.fake_engine import CharTokenizer, tok_ids
@@ -118,7 +117,7 @@ def test_n_sequences_fold_into_earliest_start_and_latest_finish():
     last = proc.process([out("1_r", "d", RequestTimes(1.0, 2.5, 4.0, 7.0), "length")])
     (final,) = last.request_outputs
     assert final.finished
-    assert final.metrics == RequestMetrics(1.0, 2.0, 3.0, 7.0)
+    assert final.metrics == RequestTimes(1.0, 2.0, 3.0, 7.0)
     assert (final.metrics.queue_time, final.metrics.prefill_time,
             final.metrics.decode_time) == (1.0, 1.0, 4.0)
 
@@ -132,8 +131,8 @@ def test_stop_string_finish_is_stamped_by_the_front_end():
     (final,) = res.request_outputs
     m = final.metrics
     assert m is not None and final.outputs[0].text == "ab"
-    assert (m.arrival_time, m.first_scheduled_time, m.first_token_time) == (1.0, 2.0, 3.0)
-    assert m.finished_time > 1000  # time.monotonic() here, not the scripted step clock
+    assert (m.arrival, m.first_scheduled, m.first_token) == (1.0, 2.0, 3.0)
+    assert m.finished > 1000  # time.monotonic() here, not the scripted step clock
 
 
 def test_no_engine_times_no_metrics():

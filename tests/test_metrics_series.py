@@ -18,7 +18,7 @@ from server.cli import build_parser, parse_args
 from server.frontend.app import build_app
 from server.frontend.gpu_stats import GPUSample, GPUStats, load_nvml
 from server.frontend.metrics import REQUEST_TIME_BUCKETS, Metrics
-from server.outputs import RequestMetrics, RequestOutput
+from server.outputs import RequestOutput, RequestTimes
 from server.sampling_params import SamplingParams
 from tests.fake_engine import FakeEngineClient
 from tests.test_http_stream_unit import _call_then_disconnect, _long_engine
@@ -26,7 +26,7 @@ from tests.test_metrics import get, metrics_of, scrape
 
 MODEL = "fake-model"
 # Every request the timed engine serves: 0.25 s queued, 0.5 s prefill, 1.25 s decode.
-TIMES = RequestMetrics(100.0, 100.25, 100.75, 102.0)
+TIMES = RequestTimes(100.0, 100.25, 100.75, 102.0)
 
 
 class TimedEngine(FakeEngineClient):

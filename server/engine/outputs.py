@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from server.outputs import RequestTimes
 from server.sampling_params import SamplingParams
 
 
@@ -66,21 +67,6 @@ class RunnerOutput:
     logprobs: dict[str, Logprobs] = field(default_factory=dict)
     # Prompt logprobs for the chunk computed this step (position i scores token i+1).
     prompt_logprobs: dict[str, Logprobs] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RequestTimes:
-    """One sequence's engine timestamps (time.monotonic(): one clock for every process on
-    the host, so the front end's arrival time and these compare directly).
-
-    `first_scheduled` is the FIRST admission: a sequence preempted and admitted again
-    still counts its queue time only up to its first scheduling.
-    """
-
-    arrival: float
-    first_scheduled: float
-    first_token: float | None = None
-    finished: float | None = None
 
 
 @dataclass

@@ -12,7 +12,7 @@ One `Metrics` per app, owning its own CollectorRegistry (no module-level state).
   template (never the raw path). /metrics itself is not counted (like vLLM).
 
 request_queue_time / prefill_time / decode_time come from the engine's own timestamps
-(arrival, first scheduling, first token, finish; see RequestMetrics), one observation per
+(arrival, first scheduling, first token, finish; see RequestTimes), one observation per
 finished engine request. Queue time ends at the FIRST scheduling: a request preempted and
 admitted again is not queued twice; its wait after preemption falls in prefill or decode.
 They add up to at most e2e, which the front end measures from an earlier arrival.
@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.frontend.cost import CostCollector, Usage
 from server.frontend.gpu_stats import GPUCollector, GPUStats
-from server.outputs import RequestMetrics, RequestOutput
+from server.outputs import RequestOutput, RequestTimes
 
 PREFIX = "conveyor:"
 VLLM_PREFIX = "vllm:"
@@ -184,7 +184,7 @@ class RequestTracker:
         self.reasons: dict[int, str] = {}
         self.finished = False
         self.closed = False
-        self.times: RequestMetrics | None = None
+        self.times: RequestTimes | None = None
 
     def on_output(self, out: RequestOutput) -> None:
         t = time.monotonic()
